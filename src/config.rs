@@ -1,0 +1,586 @@
+//! Plugin configuration (SPEC §2), parsed in two steps:
+//! 1. serde checks the *shape* (types, unknown fields) and, through `serde_path_to_error`,
+//!    names the exact field that is wrong;
+//! 2. `compile` checks the *meaning* (positive numbers, paths, duplicates) and builds the
+//!    immutable tables the request path uses.
+//!
+//! Every error is one line: `<field path>: <reason>`. The configuration text itself is never
+//! part of an error, because it may hold `bypass.service_auth_token`.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::route::{RouteTable, RouteTableBuilder};
+
+/// Longest window the filter accepts: one day, as SPEC §2 says.
+pub const MAX_INTERVAL_MS: u64 = 86_400_000;
+/// Ways (client-counter slots) per shared-data key; see `limiter`.
+pub const WAYS_PER_SET: u32 = 8;
+/// Upper bound of `max_tracked_clients`: every slot is created at configure time, so a huge
+/// value would be a huge allocation in Envoy. Ten million slots is ~250 MB of shared data.
+pub const MAX_TRACKED_CLIENTS_LIMIT: u64 = 10_000_000;
+
+const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+/// A configuration error: the field path and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 1: shape.
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    enabled: Option<bool>,
+    development: Option<bool>,
+    enabled_in_development: Option<bool>,
+    api_prefix: Option<String>,
+    default: Option<RawLimit>,
+    preset: Option<String>,
+    routes: Option<Vec<RawRoute>>,
+    dry_run: Option<bool>,
+    retry_after: Option<bool>,
+    max_tracked_clients: Option<serde_json::Number>,
+    bypass: Option<RawBypass>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    #[serde(rename = "numRequestsAllowed")]
+    num_requests_allowed: Option<serde_json::Number>,
+    #[serde(rename = "intervalTimeInMS")]
+    interval_time_in_ms: Option<serde_json::Number>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: Option<String>,
+    method: Option<String>,
+    #[serde(rename = "rateLimiterOptions")]
+    rate_limiter_options: Option<RawRouteOptions>,
+}
+
+/// `rateLimiterOptions`: an object, or `false` for "never limited" (as in Rocket.Chat).
+#[derive(Debug)]
+enum RawRouteOptions {
+    Limit(RawLimit),
+    Disabled,
+}
+
+impl<'de> Deserialize<'de> for RawRouteOptions {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OptionsVisitor;
+        impl<'de> Visitor<'de> for OptionsVisitor {
+            type Value = RawRouteOptions;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object or false")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                if v {
+                    Err(E::invalid_value(de::Unexpected::Bool(true), &self))
+                } else {
+                    Ok(RawRouteOptions::Disabled)
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                // Going through MapAccessDeserializer keeps serde_path_to_error's tracking, so
+                // errors inside the object still name their field.
+                RawLimit::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawRouteOptions::Limit)
+            }
+        }
+        deserializer.deserialize_any(OptionsVisitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBypass {
+    cluster: Option<String>,
+    authority: Option<String>,
+    permission: Option<String>,
+    roles: Option<Vec<String>>,
+    me_path: Option<String>,
+    permissions_path: Option<String>,
+    service_user_id: Option<String>,
+    service_auth_token: Option<String>,
+    timeout_ms: Option<serde_json::Number>,
+    cache_ttl_ms: Option<serde_json::Number>,
+    refresh_interval_ms: Option<serde_json::Number>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 2: meaning.
+
+/// A limit: L requests per aligned window of `interval_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub requests: u32,
+    pub interval_ms: u64,
+}
+
+impl Limit {
+    pub const ROCKETCHAT_DEFAULT: Limit = Limit {
+        requests: 10,
+        interval_ms: 60_000,
+    };
+}
+
+/// The bypass block (SPEC §5), validated.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BypassConfig {
+    pub cluster: String,
+    pub authority: String,
+    pub permission: String,
+    pub roles: Vec<String>,
+    pub me_path: String,
+    pub permissions_path: String,
+    /// Both present or both absent: a service account needs its id and its token.
+    pub service_account: Option<(String, String)>,
+    pub timeout_ms: u64,
+    pub cache_ttl_ms: u64,
+    pub refresh_interval_ms: u64,
+}
+
+// Debug by hand: the derived one would print the service token.
+impl fmt::Debug for BypassConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BypassConfig")
+            .field("cluster", &self.cluster)
+            .field("authority", &self.authority)
+            .field("permission", &self.permission)
+            .field("roles", &self.roles)
+            .field("me_path", &self.me_path)
+            .field("permissions_path", &self.permissions_path)
+            .field(
+                "service_account",
+                &self
+                    .service_account
+                    .as_ref()
+                    .map(|(id, _)| (id, "<redacted>")),
+            )
+            .field("timeout_ms", &self.timeout_ms)
+            .field("cache_ttl_ms", &self.cache_ttl_ms)
+            .field("refresh_interval_ms", &self.refresh_interval_ms)
+            .finish()
+    }
+}
+
+/// The compiled configuration: immutable once built.
+#[derive(Debug)]
+pub struct Config {
+    /// `enabled && (!development || enabled_in_development)`.
+    pub limiting: bool,
+    pub dry_run: bool,
+    pub retry_after: bool,
+    pub max_tracked_clients: u32,
+    pub routes: RouteTable,
+    pub bypass: Option<BypassConfig>,
+}
+
+impl Config {
+    /// Number of shared-data keys that hold client counters (SPEC §6).
+    pub fn counter_sets(&self) -> u32 {
+        (self.max_tracked_clients / WAYS_PER_SET).max(1)
+    }
+}
+
+/// Rocket.Chat's built-in per-route limits (SPEC §1), relative to `api_prefix`.
+/// `None` is `rateLimiterOptions: false`.
+pub const ROCKETCHAT_PRESET: &[(&str, &str, Option<(u32, u64)>)] = &[
+    ("users.register", "POST", Some((1, 60_000))),
+    ("users.updateOwnBasicInfo", "POST", Some((1, 60_000))),
+    ("users.sendConfirmationEmail", "POST", Some((1, 60_000))),
+    ("users.setStatus", "POST", Some((5, 60_000))),
+    ("loginCode.redeem", "POST", Some((10, 60_000))),
+    ("chat.sendMessage", "POST", Some((5, 1_000))),
+    ("chat.readThread", "POST", Some((20, 10_000))),
+    ("chat.getThreadMessages", "GET", Some((20, 10_000))),
+    ("chat.getThreadsList", "GET", Some((20, 10_000))),
+    ("shield.svg", "GET", Some((60, 60_000))),
+    ("push.test", "POST", Some((1, 1_000))),
+    ("cloud.syncWorkspace", "POST", Some((2, 60_000))),
+    ("cloud.removeLicense", "POST", Some((2, 60_000))),
+    ("calendar-events.list", "GET", Some((3, 1_000))),
+    ("calendar-events.info", "GET", Some((3, 1_000))),
+    ("video-conference.start", "POST", Some((3, 60_000))),
+    ("video-conference.join", "POST", Some((2, 5_000))),
+    ("video-conference.cancel", "POST", Some((3, 60_000))),
+    ("video-conference.info", "GET", Some((15, 3_000))),
+    ("video-conference.list", "GET", Some((3, 1_000))),
+    ("video-conference.providers", "GET", Some((3, 1_000))),
+    ("video-conference.capabilities", "GET", Some((3, 1_000))),
+    ("livechat/room", "GET", Some((5, 60_000))),
+    ("livechat/visitor", "POST", Some((5, 60_000))),
+    (
+        "livechat/triggers/external-service/test",
+        "POST",
+        Some((15, 60_000)),
+    ),
+    (
+        "livechat/triggers/:_id/external-service/call",
+        "POST",
+        Some((10, 60_000)),
+    ),
+    ("method.call/:method", "POST", None),
+    ("method.callAnon/:method", "POST", None),
+];
+
+/// Parses and compiles a plugin configuration. Empty (or all-white-space) means `{}`.
+pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+    let raw = parse_shape(bytes)?;
+    compile(raw)
+}
+
+fn parse_shape(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RawConfig::default());
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            "configuration".to_string()
+        } else {
+            path
+        };
+        ConfigError::new(field, shape_reason(e.inner()))
+    })?;
+    de.end()
+        .map_err(|e| ConfigError::new("configuration", shape_reason(&e)))?;
+    Ok(raw)
+}
+
+/// serde_json's message with the position kept (it helps find the spot) but without echoing
+/// string values, which could be a token.
+fn shape_reason(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            format!(
+                "not valid JSON ({} at line {} column {})",
+                syntax_reason(e),
+                e.line(),
+                e.column()
+            )
+        }
+        Category::Data => {
+            let text = e.to_string();
+            // serde_json appends " at line L column C"; keep the message part.
+            let message = match text.rfind(" at line ") {
+                Some(cut) => text.get(..cut).unwrap_or(&text).to_string(),
+                None => text,
+            };
+            redact_string_values(&message)
+        }
+    }
+}
+
+fn syntax_reason(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(cut) => text.get(..cut).unwrap_or(&text).to_string(),
+        None => text,
+    }
+}
+
+/// `invalid type: string "s3cr3t", expected a boolean` → `invalid type: string, expected a boolean`.
+fn redact_string_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find("string \"") {
+        let (head, tail) = rest.split_at(start + "string".len());
+        out.push_str(head);
+        // tail starts with ` "`; skip to the closing quote.
+        let after_quote = tail.get(2..).unwrap_or("");
+        match after_quote.find('"') {
+            Some(end) => rest = after_quote.get(end + 1..).unwrap_or(""),
+            None => rest = "",
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn positive(
+    field: &str,
+    value: &serde_json::Number,
+    max: u64,
+    max_text: &str,
+) -> Result<u64, ConfigError> {
+    match value.as_u64() {
+        Some(n) if n > 0 && n <= max => Ok(n),
+        Some(n) if n > max => Err(ConfigError::new(
+            field,
+            format!("must be at most {max_text}"),
+        )),
+        _ => Err(ConfigError::new(field, "must be a positive integer")),
+    }
+}
+
+fn compile_limit(field: &str, raw: &RawLimit, fallback: Limit) -> Result<Limit, ConfigError> {
+    let requests = match &raw.num_requests_allowed {
+        Some(n) => positive(
+            &format!("{field}.numRequestsAllowed"),
+            n,
+            u64::from(u32::MAX),
+            "4294967295",
+        )? as u32,
+        None => fallback.requests,
+    };
+    let interval_ms = match &raw.interval_time_in_ms {
+        Some(n) => positive(
+            &format!("{field}.intervalTimeInMS"),
+            n,
+            MAX_INTERVAL_MS,
+            "86400000 (one day)",
+        )?,
+        None => fallback.interval_ms,
+    };
+    Ok(Limit {
+        requests,
+        interval_ms,
+    })
+}
+
+fn absolute_path(field: &str, value: &str) -> Result<(), ConfigError> {
+    if !value.starts_with('/') {
+        return Err(ConfigError::new(field, "must start with '/'"));
+    }
+    if value.contains(['?', '#']) || value.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(ConfigError::new(
+            field,
+            "must be a plain path (no query, fragment, spaces or control characters)",
+        ));
+    }
+    Ok(())
+}
+
+fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+    let enabled = raw.enabled.unwrap_or(true);
+    let development = raw.development.unwrap_or(false);
+    let enabled_in_development = raw.enabled_in_development.unwrap_or(true);
+
+    let mut api_prefix = raw.api_prefix.unwrap_or_else(|| "/api/v1/".to_string());
+    absolute_path("api_prefix", &api_prefix)?;
+    if api_prefix.contains("//") || api_prefix.split('/').any(|s| s == "." || s == "..") {
+        return Err(ConfigError::new(
+            "api_prefix",
+            "must not contain empty, '.' or '..' segments",
+        ));
+    }
+    // "/api/v1" and "/api/v1/" mean the same prefix; without the slash "/api/v10" would match.
+    if !api_prefix.ends_with('/') {
+        api_prefix.push('/');
+    }
+
+    let default = match &raw.default {
+        Some(d) => compile_limit("default", d, Limit::ROCKETCHAT_DEFAULT)?,
+        None => Limit::ROCKETCHAT_DEFAULT,
+    };
+
+    let use_preset = match raw.preset.as_deref() {
+        None | Some("rocketchat") => true,
+        Some("none") => false,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "preset",
+                "must be \"rocketchat\" or \"none\"",
+            ))
+        }
+    };
+
+    let mut table = RouteTableBuilder::new(&api_prefix, default);
+    if use_preset {
+        for (relative, method, options) in ROCKETCHAT_PRESET {
+            let path = format!("{api_prefix}{relative}");
+            let limit = options.map(|(requests, interval_ms)| Limit {
+                requests,
+                interval_ms,
+            });
+            table
+                .add_preset(&path, Some(method), limit)
+                .map_err(|reason| ConfigError::new("preset", reason))?;
+        }
+    }
+    for (index, route) in raw.routes.unwrap_or_default().into_iter().enumerate() {
+        let field = format!("routes[{index}]");
+        let path = route
+            .path
+            .ok_or_else(|| ConfigError::new(format!("{field}.path"), "is required"))?;
+        absolute_path(&format!("{field}.path"), &path)?;
+        if !path.starts_with(api_prefix.as_str()) {
+            return Err(ConfigError::new(
+                format!("{field}.path"),
+                format!(
+                    "must start with api_prefix \"{api_prefix}\" (only those paths are limited)"
+                ),
+            ));
+        }
+        if let Some(method) = route.method.as_deref() {
+            if !METHODS.contains(&method) {
+                return Err(ConfigError::new(
+                    format!("{field}.method"),
+                    "must be one of GET, POST, PUT, PATCH, DELETE (or absent for all methods)",
+                ));
+            }
+        }
+        let limit = match &route.rate_limiter_options {
+            None => {
+                return Err(ConfigError::new(
+                    format!("{field}.rateLimiterOptions"),
+                    "is required (an object, or false for never limited)",
+                ))
+            }
+            Some(RawRouteOptions::Disabled) => None,
+            Some(RawRouteOptions::Limit(l)) => Some(compile_limit(
+                &format!("{field}.rateLimiterOptions"),
+                l,
+                default,
+            )?),
+        };
+        table
+            .add_route(&path, route.method.as_deref(), limit)
+            .map_err(|reason| ConfigError::new(format!("{field}.path"), reason))?;
+    }
+
+    let max_tracked_clients = match &raw.max_tracked_clients {
+        Some(n) => {
+            let n = positive(
+                "max_tracked_clients",
+                n,
+                MAX_TRACKED_CLIENTS_LIMIT,
+                "10000000",
+            )?;
+            if n < u64::from(WAYS_PER_SET) {
+                return Err(ConfigError::new(
+                    "max_tracked_clients",
+                    format!("must be at least {WAYS_PER_SET}"),
+                ));
+            }
+            n as u32
+        }
+        None => 100_000,
+    };
+
+    let bypass = match raw.bypass {
+        Some(b) => Some(compile_bypass(b)?),
+        None => None,
+    };
+
+    Ok(Config {
+        limiting: enabled && (!development || enabled_in_development),
+        dry_run: raw.dry_run.unwrap_or(false),
+        retry_after: raw.retry_after.unwrap_or(true),
+        // Rounded down to whole sets so the bound is never exceeded.
+        max_tracked_clients: max_tracked_clients / WAYS_PER_SET * WAYS_PER_SET,
+        routes: table.build(),
+        bypass,
+    })
+}
+
+fn non_empty(field: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    match value {
+        Some(v) if v.is_empty() => Err(ConfigError::new(field, "must not be empty")),
+        Some(v) => Ok(v),
+        None => Ok(default.to_string()),
+    }
+}
+
+fn compile_bypass(raw: RawBypass) -> Result<BypassConfig, ConfigError> {
+    let cluster = non_empty("bypass.cluster", raw.cluster, "rocketchat")?;
+    let authority = non_empty("bypass.authority", raw.authority, "rocketchat")?;
+    let permission = non_empty("bypass.permission", raw.permission, "api-bypass-rate-limit")?;
+    let roles = raw
+        .roles
+        .unwrap_or_else(|| vec!["admin".into(), "bot".into(), "app".into()]);
+    for (i, role) in roles.iter().enumerate() {
+        if role.is_empty() {
+            return Err(ConfigError::new(
+                format!("bypass.roles[{i}]"),
+                "must not be empty",
+            ));
+        }
+    }
+    let me_path = non_empty("bypass.me_path", raw.me_path, "/api/v1/me")?;
+    absolute_path("bypass.me_path", &me_path)?;
+    let permissions_path = non_empty(
+        "bypass.permissions_path",
+        raw.permissions_path,
+        "/api/v1/permissions.listAll",
+    )?;
+    absolute_path("bypass.permissions_path", &permissions_path)?;
+    let service_account = match (raw.service_user_id, raw.service_auth_token) {
+        (None, None) => None,
+        (Some(id), Some(token)) => {
+            if id.is_empty() {
+                return Err(ConfigError::new(
+                    "bypass.service_user_id",
+                    "must not be empty",
+                ));
+            }
+            if token.is_empty() {
+                return Err(ConfigError::new(
+                    "bypass.service_auth_token",
+                    "must not be empty",
+                ));
+            }
+            Some((id, token))
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "bypass.service_auth_token",
+                "is required when bypass.service_user_id is set",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "bypass.service_user_id",
+                "is required when bypass.service_auth_token is set",
+            ))
+        }
+    };
+    let ms = |field: &str, value: &Option<serde_json::Number>, default: u64| match value {
+        Some(n) => positive(field, n, MAX_INTERVAL_MS, "86400000 (one day)"),
+        None => Ok(default),
+    };
+    Ok(BypassConfig {
+        cluster,
+        authority,
+        permission,
+        roles,
+        me_path,
+        permissions_path,
+        service_account,
+        timeout_ms: ms("bypass.timeout_ms", &raw.timeout_ms, 200)?,
+        cache_ttl_ms: ms("bypass.cache_ttl_ms", &raw.cache_ttl_ms, 60_000)?,
+        refresh_interval_ms: ms(
+            "bypass.refresh_interval_ms",
+            &raw.refresh_interval_ms,
+            60_000,
+        )?,
+    })
+}

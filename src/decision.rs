@@ -1,0 +1,261 @@
+//! The request-phase decision, free of proxy-wasm: from what the host tells about a request to
+//! what the filter does with it. The adapter (`filter`) only fetches inputs and applies outputs.
+
+use crate::client::client_ip;
+use crate::config::{Config, Limit};
+use crate::fingerprint::{fingerprint, Seed};
+use crate::limiter::{set_index, Verdict};
+use crate::route::{normalise_path, Route};
+use crate::store::{self, CountOutcome, CountResult, SharedStore};
+
+/// A request that is to be counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Countable<'a> {
+    pub limit: Limit,
+    pub limit_header: &'a str,
+    pub fingerprint: u64,
+    pub set: u32,
+}
+
+/// Routes a request and, when it is limited, computes its bucket's fingerprint and set.
+pub fn classify<'a>(
+    config: &'a Config,
+    seed: Seed,
+    method: &[u8],
+    raw_path: &[u8],
+    source_address: impl FnOnce() -> Option<Vec<u8>>,
+) -> Option<Countable<'a>> {
+    if !config.limiting {
+        return None;
+    }
+    let path = normalise_path(raw_path);
+    match config.routes.route(method, &path) {
+        Route::NotLimited => None,
+        Route::Limited {
+            limit,
+            limit_header,
+            bucket,
+        } => {
+            // Fetched only for limited requests. Absent (never seen from Envoy's HTTP
+            // listeners) means every such request shares the empty client: limited, not free.
+            let source = source_address().unwrap_or_default();
+            let fp = fingerprint(seed, client_ip(&source), method, &bucket);
+            Some(Countable {
+                limit,
+                limit_header,
+                fingerprint: fp,
+                set: set_index(fp, config.counter_sets()),
+            })
+        }
+    }
+}
+
+/// What the filter does with a counted request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Pass, and add these `x-ratelimit-*` values to the response.
+    Pass { remaining: u32, reset_ms: u64 },
+    /// Over the limit in dry-run mode: pass with remaining 0.
+    DryRunLimited { reset_ms: u64 },
+    /// Send the 429.
+    Reject { reset_ms: u64 },
+    /// The store failed: pass without headers (SPEC §7).
+    FailOpen,
+}
+
+/// Metric events of one counted request, applied by the adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Events {
+    pub cas_retries: u32,
+    pub collision: bool,
+    pub new_slot: bool,
+    pub store_error: bool,
+}
+
+/// Counts the request in the store and says what to do.
+pub fn count_request<S: SharedStore>(
+    config: &Config,
+    store: &S,
+    key_buf: &mut String,
+    value_buf: &mut Vec<u8>,
+    countable: &Countable<'_>,
+    now_ms: u64,
+) -> (Action, Events) {
+    store::set_key(key_buf, config.counter_sets(), countable.set);
+    let CountResult { outcome, retries } = store::count(
+        store,
+        key_buf,
+        value_buf,
+        countable.fingerprint,
+        countable.limit,
+        now_ms,
+    );
+    let mut events = Events {
+        cas_retries: retries,
+        ..Events::default()
+    };
+    let action = match outcome {
+        CountOutcome::Failed(_) => {
+            events.store_error = true;
+            Action::FailOpen
+        }
+        CountOutcome::Decided(d) => {
+            events.collision = d.collision;
+            events.new_slot = d.new_slot;
+            match d.verdict {
+                Verdict::Allowed {
+                    remaining,
+                    reset_ms,
+                } => Action::Pass {
+                    remaining,
+                    reset_ms,
+                },
+                Verdict::Limited { reset_ms } if config.dry_run => {
+                    Action::DryRunLimited { reset_ms }
+                }
+                Verdict::Limited { reset_ms } => Action::Reject { reset_ms },
+            }
+        }
+    };
+    (action, events)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+    use crate::store::ensure_table;
+    use crate::store::memory::MemoryStore;
+
+    fn run(
+        config: &Config,
+        store: &MemoryStore,
+        method: &str,
+        path: &str,
+        addr: &str,
+        now: u64,
+    ) -> Option<Action> {
+        let c = classify(
+            config,
+            Seed(7, 9),
+            method.as_bytes(),
+            path.as_bytes(),
+            || Some(addr.as_bytes().to_vec()),
+        )?;
+        Some(count_request(config, store, &mut String::new(), &mut Vec::new(), &c, now).0)
+    }
+
+    #[test]
+    fn defaults_ten_per_minute_per_client_route_method() {
+        let config = parse(b"").unwrap();
+        let store = MemoryStore::default();
+        ensure_table(&store, config.counter_sets()).unwrap();
+        let now = 1_700_000_000_000;
+        for i in 0..10 {
+            assert_eq!(
+                run(
+                    &config,
+                    &store,
+                    "GET",
+                    "/api/v1/users.info",
+                    "10.0.0.1:1",
+                    now
+                ),
+                Some(Action::Pass {
+                    remaining: 9 - i,
+                    reset_ms: 1_700_000_040_000
+                })
+            );
+        }
+        assert_eq!(
+            run(
+                &config,
+                &store,
+                "GET",
+                "/api/v1//users.info/?x",
+                "10.0.0.1:2",
+                now
+            ),
+            Some(Action::Reject {
+                reset_ms: 1_700_000_040_000
+            })
+        );
+        // Other client, other method, other route: own buckets.
+        for (m, p, a) in [
+            ("GET", "/api/v1/users.info", "10.0.0.2:1"),
+            ("POST", "/api/v1/users.info", "10.0.0.1:1"),
+            ("GET", "/api/v1/users.list", "10.0.0.1:1"),
+        ] {
+            assert!(matches!(
+                run(&config, &store, m, p, a, now),
+                Some(Action::Pass { remaining: 9, .. })
+            ));
+        }
+        assert_eq!(
+            run(&config, &store, "GET", "/api/info", "10.0.0.1:1", now),
+            None
+        );
+        assert_eq!(
+            run(
+                &config,
+                &store,
+                "POST",
+                "/api/v1/method.call/x",
+                "10.0.0.1:1",
+                now
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn dry_run_passes_what_would_be_rejected() {
+        let config = parse(br#"{"dry_run":true,"default":{"numRequestsAllowed":1}}"#).unwrap();
+        let store = MemoryStore::default();
+        ensure_table(&store, config.counter_sets()).unwrap();
+        run(&config, &store, "GET", "/api/v1/x", "1.1.1.1:1", 5);
+        assert_eq!(
+            run(&config, &store, "GET", "/api/v1/x", "1.1.1.1:1", 5),
+            Some(Action::DryRunLimited { reset_ms: 60_000 })
+        );
+    }
+
+    #[test]
+    fn disabled_and_development_switches() {
+        let store = MemoryStore::default();
+        for (json, limited) in [
+            (r#"{"enabled":false}"#, false),
+            (r#"{"development":true}"#, true),
+            (
+                r#"{"development":true,"enabled_in_development":false}"#,
+                false,
+            ),
+            (
+                r#"{"development":false,"enabled_in_development":false}"#,
+                true,
+            ),
+        ] {
+            let config = parse(json.as_bytes()).unwrap();
+            ensure_table(&store, config.counter_sets()).unwrap();
+            assert_eq!(
+                run(&config, &store, "GET", "/api/v1/x", "1.1.1.1:1", 5).is_some(),
+                limited,
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn pattern_values_share_one_bucket() {
+        let config = parse(br#"{"routes":[{"path":"/api/v1/rooms/:id/x","rateLimiterOptions":{"numRequestsAllowed":2}}]}"#).unwrap();
+        let store = MemoryStore::default();
+        ensure_table(&store, config.counter_sets()).unwrap();
+        run(&config, &store, "GET", "/api/v1/rooms/a/x", "1.1.1.1:1", 5);
+        run(&config, &store, "GET", "/api/v1/rooms/b/x", "1.1.1.1:1", 5);
+        assert!(matches!(
+            run(&config, &store, "GET", "/api/v1/rooms/c/x", "1.1.1.1:1", 5),
+            Some(Action::Reject { .. })
+        ));
+    }
+}

@@ -1,0 +1,410 @@
+//! The counter update, as a pure function of the old state (SPEC §4, §6).
+//!
+//! Counters live in a fixed table of shared-data keys, each holding one *set* of
+//! [`WAYS_PER_SET`] client-counter slots ("ways"). A bucket (client IP, route bucket, method)
+//! hashes to a 64-bit fingerprint; the fingerprint picks the set, and the bucket lives in
+//! one way of that set. Because a whole set is one value, one read and one compare-and-swap
+//! update the bucket and any slot it claims, atomically.
+//!
+//! A way is free when it was never used or its window has ended. When every way of a set is
+//! held by a live bucket, the newcomer is *merged* into one deterministic way of the set:
+//! it counts there together with the owner, and the way's window end becomes the later of
+//! the two. The merged count is at least the newcomer's own count, and it lasts at least until
+//! the newcomer's own window ends, so a client in a full table is never under-counted (it
+//! may be limited early: that is the conservative side). The way is flagged `shared`, so the
+//! newcomer keeps finding it (and never starts a fresh count elsewhere) until it expires.
+
+use crate::config::{Limit, WAYS_PER_SET};
+
+const WAYS: usize = WAYS_PER_SET as usize;
+const WAY_BYTES: usize = 20;
+/// Encoded size of a set.
+pub const SET_BYTES: usize = WAYS * WAY_BYTES;
+const SHARED_FLAG: u32 = 1 << 31;
+const COUNT_MASK: u32 = !SHARED_FLAG;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Way {
+    /// 0: never used.
+    fingerprint: u64,
+    /// The window's end, UTC epoch ms (exclusive).
+    end_ms: u64,
+    count: u32,
+    shared: bool,
+}
+
+impl Way {
+    fn is_free(&self, now_ms: u64) -> bool {
+        self.fingerprint == 0 || self.end_ms <= now_ms
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Set {
+    ways: [Way; WAYS],
+}
+
+impl Set {
+    /// Any value that is not a well-formed set (the 1-byte placeholder written when the key is
+    /// created, or a value of some other format) is an empty set.
+    pub fn decode(bytes: &[u8]) -> Set {
+        let mut ways = [Way::default(); WAYS];
+        if bytes.len() != SET_BYTES {
+            return Set { ways };
+        }
+        for (way, chunk) in ways.iter_mut().zip(bytes.chunks_exact(WAY_BYTES)) {
+            let mut fp = [0u8; 8];
+            let mut end = [0u8; 8];
+            let mut count = [0u8; 4];
+            fp.copy_from_slice(chunk.get(0..8).unwrap_or(&[0; 8]));
+            end.copy_from_slice(chunk.get(8..16).unwrap_or(&[0; 8]));
+            count.copy_from_slice(chunk.get(16..20).unwrap_or(&[0; 4]));
+            let raw_count = u32::from_le_bytes(count);
+            *way = Way {
+                fingerprint: u64::from_le_bytes(fp),
+                end_ms: u64::from_le_bytes(end),
+                count: raw_count & COUNT_MASK,
+                shared: raw_count & SHARED_FLAG != 0,
+            };
+        }
+        Set { ways }
+    }
+
+    pub fn encode(&self) -> [u8; SET_BYTES] {
+        let mut out = [0u8; SET_BYTES];
+        for (way, chunk) in self.ways.iter().zip(out.chunks_exact_mut(WAY_BYTES)) {
+            let count = way.count.min(COUNT_MASK) | if way.shared { SHARED_FLAG } else { 0 };
+            let (fp, rest) = chunk.split_at_mut(8);
+            let (end, cnt) = rest.split_at_mut(8);
+            fp.copy_from_slice(&way.fingerprint.to_le_bytes());
+            end.copy_from_slice(&way.end_ms.to_le_bytes());
+            cnt.copy_from_slice(&count.to_le_bytes());
+        }
+        out
+    }
+
+    /// Ways holding a bucket (ever used).
+    pub fn used_ways(&self) -> usize {
+        self.ways.iter().filter(|w| w.fingerprint != 0).count()
+    }
+}
+
+/// The answer for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Counted: `remaining` = L - count.
+    Allowed { remaining: u32, reset_ms: u64 },
+    /// Over the limit: not counted, window not extended (SPEC §4.4).
+    Limited { reset_ms: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The new set to write with CAS; `None` when nothing changes (a rejected request).
+    pub write: Option<Set>,
+    /// The bucket counted in a way it shares with another bucket (SPEC §6 metric).
+    pub collision: bool,
+    /// A never-used way was taken (for the `tracked_clients` gauge).
+    pub new_slot: bool,
+}
+
+/// Which set of `sets` a fingerprint lives in.
+pub fn set_index(fingerprint: u64, sets: u32) -> u32 {
+    (fingerprint % u64::from(sets.max(1))) as u32
+}
+
+/// The way a bucket merges into when its set is full: from bits the set index does not use.
+fn merge_way(fingerprint: u64) -> usize {
+    ((fingerprint >> 56) as usize) % WAYS
+}
+
+/// Aligned fixed window (SPEC §4.2): the end of the window holding `now_ms`.
+pub fn window_end(now_ms: u64, interval_ms: u64) -> u64 {
+    let interval = interval_ms.max(1);
+    (now_ms / interval)
+        .saturating_add(1)
+        .saturating_mul(interval)
+}
+
+/// Counts one request of the bucket `fingerprint` (non-zero) against `limit` at `now_ms`.
+pub fn decide(set: &Set, fingerprint: u64, limit: Limit, now_ms: u64) -> Decision {
+    let fingerprint = fingerprint.max(1);
+    let own_end = window_end(now_ms, limit.interval_ms);
+    let mut next = *set;
+    let merge = merge_way(fingerprint);
+
+    let (index, collision, new_slot) =
+        if let Some(i) = next.ways.iter().position(|w| w.fingerprint == fingerprint) {
+            (i, false, false)
+        } else if next
+            .ways
+            .get(merge)
+            .is_some_and(|w| w.shared && w.end_ms > now_ms)
+        {
+            (merge, true, false)
+        } else if let Some(i) = next.ways.iter().position(|w| w.is_free(now_ms)) {
+            let new_slot = next.ways.get(i).is_some_and(|w| w.fingerprint == 0);
+            if let Some(w) = next.ways.get_mut(i) {
+                *w = Way {
+                    fingerprint,
+                    end_ms: 0,
+                    count: 0,
+                    shared: false,
+                };
+            }
+            (i, false, new_slot)
+        } else {
+            (merge, true, false)
+        };
+
+    let Some(way) = next.ways.get_mut(index) else {
+        // Unreachable: every index above is < WAYS. Fail open rather than trap.
+        return Decision {
+            verdict: Verdict::Allowed {
+                remaining: 0,
+                reset_ms: own_end,
+            },
+            write: None,
+            collision: false,
+            new_slot: false,
+        };
+    };
+    if way.end_ms <= now_ms {
+        // The window ended: a fresh one (for every bucket merged here too, since the merged
+        // end is the latest of their ends).
+        way.count = 0;
+        way.end_ms = own_end;
+        way.shared = false;
+    } else if collision {
+        way.end_ms = way.end_ms.max(own_end);
+        way.shared = true;
+    }
+    if way.count >= limit.requests {
+        return Decision {
+            verdict: Verdict::Limited {
+                reset_ms: way.end_ms,
+            },
+            write: None,
+            collision,
+            new_slot: false,
+        };
+    }
+    way.count += 1;
+    let verdict = Verdict::Allowed {
+        remaining: limit.requests - way.count,
+        reset_ms: way.end_ms,
+    };
+    Decision {
+        verdict,
+        write: Some(next),
+        collision,
+        new_slot,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    const L3: Limit = Limit {
+        requests: 3,
+        interval_ms: 60_000,
+    };
+
+    fn run(set: &mut Set, fp: u64, limit: Limit, now: u64) -> Decision {
+        let d = decide(set, fp, limit, now);
+        if let Some(s) = d.write {
+            *set = s;
+        }
+        d
+    }
+
+    #[test]
+    fn counts_then_limits_with_aligned_reset() {
+        let mut s = Set::decode(&[0]);
+        let now = 120_000 + 5;
+        for expected in [2, 1, 0] {
+            let d = run(&mut s, 7, L3, now);
+            assert_eq!(
+                d.verdict,
+                Verdict::Allowed {
+                    remaining: expected,
+                    reset_ms: 180_000
+                }
+            );
+        }
+        let d = run(&mut s, 7, L3, now + 10);
+        assert_eq!(d.verdict, Verdict::Limited { reset_ms: 180_000 });
+        assert_eq!(d.write, None);
+        // Next window lets it in again.
+        let d = run(&mut s, 7, L3, 180_000);
+        assert_eq!(
+            d.verdict,
+            Verdict::Allowed {
+                remaining: 2,
+                reset_ms: 240_000
+            }
+        );
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let mut s = Set::decode(&[]);
+        run(&mut s, 42, L3, 1);
+        run(&mut s, 43, L3, 1);
+        let bytes = s.encode();
+        assert_eq!(Set::decode(&bytes), s);
+        assert_eq!(s.used_ways(), 2);
+    }
+
+    #[test]
+    fn distinct_buckets_get_distinct_ways_while_there_is_room() {
+        let mut s = Set::decode(&[]);
+        for fp in 1..=WAYS as u64 {
+            let d = run(&mut s, fp, L3, 10);
+            assert!(!d.collision);
+            assert!(d.new_slot);
+        }
+        for fp in 1..=WAYS as u64 {
+            assert_eq!(
+                run(&mut s, fp, L3, 11).verdict,
+                Verdict::Allowed {
+                    remaining: 1,
+                    reset_ms: 60_000
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn full_set_merges_conservatively_and_never_under_counts() {
+        let mut s = Set::decode(&[]);
+        for fp in 1..=WAYS as u64 {
+            run(&mut s, fp, L3, 10);
+        }
+        // A newcomer in a full set shares a way: the owner's one request counts against it.
+        let newcomer = 0xAB00_0000_0000_0099;
+        let d = run(&mut s, newcomer, L3, 20);
+        assert!(d.collision);
+        assert_eq!(
+            d.verdict,
+            Verdict::Allowed {
+                remaining: 1,
+                reset_ms: 60_000
+            }
+        );
+        // Even when another way frees up, the newcomer keeps counting in the shared way.
+        let short = Limit {
+            requests: 3,
+            interval_ms: 100,
+        };
+        let mut s2 = Set::decode(&[]);
+        for fp in 1..WAYS as u64 {
+            run(&mut s2, fp, L3, 10);
+        }
+        run(&mut s2, 1000, short, 10); // ends at 100
+        let nc = merge_target_fp(&s2, 1000);
+        let d = run(&mut s2, nc, L3, 20);
+        assert!(d.collision);
+        // way of fingerprint 1000 may or may not be the merge target; if it frees up, the
+        // newcomer must still count in its shared way.
+        let mut passed = 1;
+        for t in [150, 200, 300, 400] {
+            if let Verdict::Allowed { .. } = run(&mut s2, nc, L3, t).verdict {
+                passed += 1;
+            }
+        }
+        assert!(passed <= 3, "newcomer passed {passed} times with limit 3");
+    }
+
+    /// A fingerprint whose merge way is not the way of `avoid` (so that way can free up).
+    fn merge_target_fp(s: &Set, avoid: u64) -> u64 {
+        let avoid_way = s.ways.iter().position(|w| w.fingerprint == avoid).unwrap();
+        (0u64..)
+            .map(|i| (i << 56) | 0x5555)
+            .find(|fp| merge_way(*fp) != avoid_way)
+            .unwrap()
+    }
+
+    #[test]
+    fn merged_window_ends_at_the_later_end() {
+        let mut s = Set::decode(&[]);
+        let short = Limit {
+            requests: 100,
+            interval_ms: 1_000,
+        };
+        for fp in 1..=WAYS as u64 {
+            run(&mut s, fp << 8, short, 10);
+        }
+        let nc = 0x0100_0000_0000_0001;
+        let long = Limit {
+            requests: 2,
+            interval_ms: 60_000,
+        };
+        assert!(matches!(
+            run(&mut s, nc, long, 20).verdict,
+            Verdict::Allowed {
+                remaining: 0,
+                reset_ms: 60_000
+            }
+        ));
+        // 1 s later the owner's own window is over, but the merged one holds the newcomer's
+        // count until 60 000.
+        assert_eq!(
+            run(&mut s, nc, long, 1_500).verdict,
+            Verdict::Limited { reset_ms: 60_000 }
+        );
+    }
+
+    #[test]
+    fn count_kept_when_limit_changes() {
+        let mut s = Set::decode(&[]);
+        for _ in 0..7 {
+            run(
+                &mut s,
+                5,
+                Limit {
+                    requests: 10,
+                    interval_ms: 60_000,
+                },
+                1,
+            );
+        }
+        let d = run(
+            &mut s,
+            5,
+            Limit {
+                requests: 5,
+                interval_ms: 60_000,
+            },
+            2,
+        );
+        assert_eq!(d.verdict, Verdict::Limited { reset_ms: 60_000 });
+        let d = run(
+            &mut s,
+            5,
+            Limit {
+                requests: 20,
+                interval_ms: 60_000,
+            },
+            3,
+        );
+        assert_eq!(
+            d.verdict,
+            Verdict::Allowed {
+                remaining: 12,
+                reset_ms: 60_000
+            }
+        );
+    }
+
+    #[test]
+    fn window_end_is_aligned() {
+        assert_eq!(window_end(0, 1000), 1000);
+        assert_eq!(window_end(999, 1000), 1000);
+        assert_eq!(window_end(1000, 1000), 2000);
+        assert_eq!(window_end(1_700_000_123_456, 60_000), 1_700_000_160_000);
+    }
+}
