@@ -259,6 +259,12 @@ fn parse_shape(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(RawConfig::default());
     }
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        // serde would say "invalid length 0, expected struct RawConfig" for `[]`.
+        if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
+            return Err(ConfigError::new("configuration", "must be a JSON object"));
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -583,4 +589,145 @@ fn compile_bypass(raw: RawBypass) -> Result<BypassConfig, ConfigError> {
             60_000,
         )?,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        parse(json.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_and_defaults() {
+        for text in ["", "  \n", "{}"] {
+            let c = parse(text.as_bytes()).unwrap();
+            assert!(c.limiting);
+            assert!(!c.dry_run);
+            assert!(c.retry_after);
+            assert_eq!(c.max_tracked_clients, 100_000);
+            assert!(c.bypass.is_none());
+        }
+    }
+
+    /// Every rejected configuration names its field; the texts are part of the contract
+    /// (operators grep for them), so they are pinned here.
+    #[test]
+    fn mistakes_are_named_exactly() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"enabeld":true}"#, "enabeld: unknown field `enabeld`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`"),
+            (r#"{"routes":[{"path":"/api/v1/x","methd":"GET","rateLimiterOptions":false}]}"#, "routes[0].methd: unknown field `methd`, expected one of `path`, `method`, `rateLimiterOptions`"),
+            (r#"{"default":{"numRequestsAllowed":0}}"#, "default.numRequestsAllowed: must be a positive integer"),
+            (r#"{"default":{"numRequestsAllowed":-3}}"#, "default.numRequestsAllowed: must be a positive integer"),
+            (r#"{"default":{"numRequestsAllowed":1.5}}"#, "default.numRequestsAllowed: must be a positive integer"),
+            (r#"{"default":{"intervalTimeInMS":86400001}}"#, "default.intervalTimeInMS: must be at most 86400000 (one day)"),
+            (r#"{"routes":[{"path":"/api/v1/a","rateLimiterOptions":false},{"path":"/api/v1/b","rateLimiterOptions":{"numRequestsAllowed":0}}]}"#, "routes[1].rateLimiterOptions.numRequestsAllowed: must be a positive integer"),
+            (r#"{"routes":[{"path":"api/v1/x","rateLimiterOptions":false}]}"#, "routes[0].path: must start with '/'"),
+            (r#"{"routes":[{"path":"/api/v1/x","rateLimiterOptions":false},{"path":"/api/v1/x","rateLimiterOptions":{}}]}"#, "routes[1].path: duplicate route: same path and method as routes[0]"),
+            (r#"{"routes":[{"path":"/api/v1/x","method":"FETCH","rateLimiterOptions":false}]}"#, "routes[0].method: must be one of GET, POST, PUT, PATCH, DELETE (or absent for all methods)"),
+            (r#"{"enabled":"yes"}"#, "enabled: invalid type: string, expected a boolean"),
+            (r#"{"routes":{}}"#, "routes: invalid type: map, expected a sequence"),
+            ("not json", "configuration: not valid JSON (expected ident at line 1 column 2)"),
+            (r#"{"default":{"numRequestsAllowed":"10"}}"#, "default.numRequestsAllowed: invalid type: string, expected a JSON number"),
+            (r#"{"routes":[{"path":"/api/v1/x","rateLimiterOptions":true}]}"#, "routes[0].rateLimiterOptions: invalid value: boolean `true`, expected an object or false"),
+            (r#"{"max_tracked_clients":0}"#, "max_tracked_clients: must be a positive integer"),
+            (r#"{"max_tracked_clients":7}"#, "max_tracked_clients: must be at least 8"),
+            (r#"{"max_tracked_clients":10000001}"#, "max_tracked_clients: must be at most 10000000"),
+            (r#"{"preset":"meteor"}"#, "preset: must be \"rocketchat\" or \"none\""),
+            (r#"{"bypass":{"me_path":"me"}}"#, "bypass.me_path: must start with '/'"),
+            (r#"{"bypass":{"permissions_path":"x"}}"#, "bypass.permissions_path: must start with '/'"),
+            (r#"{"bypass":{"service_user_id":"x"}}"#, "bypass.service_auth_token: is required when bypass.service_user_id is set"),
+            (r#"{"api_prefix":"api"}"#, "api_prefix: must start with '/'"),
+            ("[]", "configuration: must be a JSON object"),
+            (r#"{"enabled":true}x"#, "configuration: not valid JSON (trailing characters at line 1 column 17)"),
+            (r#"{"enabled":true,"enabled":false}"#, "configuration: duplicate field `enabled`"),
+            (r#"{"routes":[{"path":"/other/x","rateLimiterOptions":false}]}"#, "routes[0].path: must start with api_prefix \"/api/v1/\" (only those paths are limited)"),
+            (r#"{"routes":[{"method":"GET","rateLimiterOptions":false}]}"#, "routes[0].path: is required"),
+            (r#"{"routes":[{"path":"/api/v1/x"}]}"#, "routes[0].rateLimiterOptions: is required (an object, or false for never limited)"),
+            (r#"{"routes":[{"path":"/api/v1/x/:","rateLimiterOptions":false}]}"#, "routes[0].path: a ':' segment needs a parameter name"),
+            (r#"{"bypass":{"roles":["admin",""]}}"#, "bypass.roles[1]: must not be empty"),
+            (r#"{"bypass":{"timeout_ms":0}}"#, "bypass.timeout_ms: must be a positive integer"),
+            (r#"{"dry_run":1}"#, "dry_run: invalid type: integer `1`, expected a boolean"),
+        ];
+        for (json, want) in cases {
+            assert_eq!(&err(json), want, "for {json}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_never_echoed() {
+        let e = err(
+            r#"{"bypass":{"service_user_id":"u","service_auth_token":"s3cr3t","timeout_ms":"s3cr3t"}}"#,
+        );
+        assert!(!e.contains("s3cr3t"), "{e}");
+        let e = err(r#"{"bypass":{"service_auth_token":"s3cr3t-x", "cluster": 5}}"#);
+        assert!(!e.contains("s3cr3t"), "{e}");
+        let c =
+            parse(br#"{"bypass":{"service_user_id":"u","service_auth_token":"s3cr3t"}}"#).unwrap();
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn the_spec_example_parses() {
+        let c = parse(
+            br#"{
+          "enabled": true, "development": false, "enabled_in_development": true,
+          "api_prefix": "/api/v1/",
+          "default": { "numRequestsAllowed": 10, "intervalTimeInMS": 60000 },
+          "preset": "rocketchat",
+          "routes": [
+            { "path": "/api/v1/users.updateOwnBasicInfo", "method": "POST",
+              "rateLimiterOptions": { "numRequestsAllowed": 1, "intervalTimeInMS": 60000 } },
+            { "path": "/api/v1/method.call/:method", "method": "POST", "rateLimiterOptions": false }
+          ],
+          "dry_run": false, "retry_after": true, "max_tracked_clients": 100000,
+          "bypass": {
+            "cluster": "rocketchat", "authority": "rocketchat",
+            "permission": "api-bypass-rate-limit", "roles": ["admin", "bot", "app"],
+            "me_path": "/api/v1/me", "permissions_path": "/api/v1/permissions.listAll",
+            "service_user_id": "...", "service_auth_token": "...",
+            "timeout_ms": 200, "cache_ttl_ms": 60000, "refresh_interval_ms": 60000
+          }
+        }"#,
+        )
+        .unwrap();
+        let b = c.bypass.unwrap();
+        assert_eq!(b.roles, ["admin", "bot", "app"]);
+        assert_eq!(b.timeout_ms, 200);
+    }
+
+    #[test]
+    fn preset_none_drops_the_table_and_prefix_rebases_it() {
+        let c = parse(br#"{"preset":"none"}"#).unwrap();
+        assert!(matches!(
+            c.routes.route(b"POST", b"/api/v1/method.call/x"),
+            crate::route::Route::Limited { .. }
+        ));
+        let c = parse(br#"{"api_prefix":"/chat/api/v1"}"#).unwrap();
+        assert_eq!(c.routes.prefix(), b"/chat/api/v1/");
+        match c.routes.route(b"POST", b"/chat/api/v1/users.register") {
+            crate::route::Route::Limited { limit, .. } => assert_eq!(limit.requests, 1),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn development_mode_switch() {
+        assert!(
+            !parse(br#"{"development":true,"enabled_in_development":false}"#)
+                .unwrap()
+                .limiting
+        );
+        assert!(parse(br#"{"development":true}"#).unwrap().limiting);
+        assert!(!parse(br#"{"enabled":false}"#).unwrap().limiting);
+    }
+
+    #[test]
+    fn max_tracked_clients_rounds_down_to_whole_sets() {
+        let c = parse(br#"{"max_tracked_clients":10007}"#).unwrap();
+        assert_eq!(c.max_tracked_clients, 10_000);
+        assert_eq!(c.counter_sets(), 1250);
+    }
 }

@@ -148,9 +148,7 @@ impl RootContext for Root {
         let metrics = Metrics::define();
         let seed = shared_seed();
         if let Err(e) = store::ensure_table(&HostSharedData, config.counter_sets()) {
-            log::error!(
-                "cannot create the counter table in shared data: {e:?}"
-            );
+            log::error!("cannot create the counter table in shared data: {e:?}");
             return false;
         }
         log::info!(
@@ -263,10 +261,8 @@ impl HttpContext for Http {
             }
             decision::Action::DryRunLimited { reset_ms } => {
                 active.metrics.inc(Counter::DryRunLimited);
-                active.warn_rate_limited(
-                    now_ms,
-                    "dry run: a request over its limit was let through",
-                );
+                active
+                    .warn_rate_limited(now_ms, "dry run: a request over its limit was let through");
                 self.headers = Some(RateLimitHeaders {
                     limit,
                     remaining: 0,

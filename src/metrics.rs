@@ -1,5 +1,6 @@
 //! Metric names (SPEC §8). Envoy shows them as `wasmcustom.rocketchat_ratelimit.<name>` in
-//! `/stats` and as `wasmcustom_rocketchat_ratelimit_<name>` in `/stats/prometheus`.
+//! `/stats` and as `rocketchat_ratelimit_<name>` in `/stats/prometheus` (Envoy drops the
+//! `wasmcustom` namespace there).
 
 /// The counters, in the order of [`Counter`].
 pub const COUNTER_NAMES: [&str; 9] = [
