@@ -63,7 +63,7 @@ lint: target
 unit:
 	cargo test
 
-e2e: tools build wrk
+e2e: tools build wrk shipping-tools
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 test: tools lint unit e2e
@@ -71,3 +71,31 @@ test: tools lint unit e2e
 clean:
 	cargo clean
 	rm -rf $(VENV)
+
+# --- shipping (issue 4) -----------------------------------------------------------------------
+# make oci          the single-layer OCI image Istio pulls the filter from, as an OCI layout in
+#                   target/oci (no Docker engine needed); prints its digest, and writes
+#                   target/wasmplugin.yaml: envoy/istio/wasmplugin.yaml with that sha256 (and
+#                   with url = oci://$(OCI_IMAGE) when OCI_IMAGE=registry/repo:tag is given)
+# make compose-up   Envoy + Rocket.Chat + MongoDB with Docker (envoy/docker-compose.yaml)
+
+.PHONY: oci compose-up shipping-tools
+
+VERSION   := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
+OCI_DIR   := $(CURDIR)/target/oci
+OCI_IMAGE ?=
+
+oci: build
+	@python3 tests/support/oci_image.py --wasm $(WASM) --out $(OCI_DIR) --tag $(VERSION) \
+		--wasmplugin envoy/istio/wasmplugin.yaml --wasmplugin-out target/wasmplugin.yaml \
+		$(if $(OCI_IMAGE),--image $(OCI_IMAGE))
+
+compose-up: build
+	docker compose -f envoy/docker-compose.yaml up
+
+# For the tests of the shipped files: skopeo reads the OCI layout `make oci` writes and pushes it
+# to a throwaway local docker-registry, from which the tests pull it the way Istio does. (The
+# compose implementation, for `docker-compose config`, comes with the venv: tests/requirements.txt.)
+shipping-tools:
+	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-registry >/dev/null; }
