@@ -265,6 +265,8 @@ def test_compose_rocketchat_and_mongodb(compose_config):
     assert image == "rocketchat/rocket.chat" and re.fullmatch(r"\d+\.\d+\.\d+", tag), rc["image"]
     assert rc["environment"]["PORT"] == str(sa["port_value"])
     assert not rc.get("ports"), "Rocket.Chat must be reached through Envoy only"
+    # One limiter (the gateway's), one set of x-ratelimit-* headers.
+    assert rc["environment"]["OVERWRITE_SETTING_API_Enable_Rate_Limiter"] == "false"
     m = re.fullmatch(r"mongodb://mongodb:27017/\w+\?replicaSet=(\w+)", rc["environment"]["MONGO_URL"])
     assert m, rc["environment"]["MONGO_URL"]
     assert rc["depends_on"]["mongodb"]["condition"] == "service_healthy"
