@@ -174,7 +174,7 @@ def test_envoy_yaml_started_for_real_limits_like_rocketchat(shipped_gateway, own
     r = shipped_gateway.request("GET", "/api/info")
     assert r.status == 200 and not any(h.startswith("x-ratelimit") for h in r.headers)
     # The filter's metrics as Prometheus sees them (Envoy drops the `wasmcustom.` namespace),
-    # and FAIL_RELOAD's own counters, present only because that policy is on.
+    # and Envoy's count of VM reloads (FAIL_RELOAD), which the README tells operators to watch.
     metrics = shipped_gateway.admin("/stats/prometheus")
     assert re.search(r"(?m)^rocketchat_ratelimit_allowed\{\} 10$", metrics), metrics
     assert re.search(r"(?m)^rocketchat_ratelimit_limited\{\} 1$", metrics), metrics
