@@ -288,17 +288,17 @@ impl HttpContext for Http {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(h) = self.headers.take() {
             let map = host::MAP_RESPONSE_HEADERS;
-            host::add_header(
+            host::set_header(
                 map,
                 "x-ratelimit-limit",
                 Decimal::new(u64::from(h.limit)).as_str(),
             );
-            host::add_header(
+            host::set_header(
                 map,
                 "x-ratelimit-remaining",
                 Decimal::new(u64::from(h.remaining)).as_str(),
             );
-            host::add_header(map, "x-ratelimit-reset", Decimal::new(h.reset_ms).as_str());
+            host::set_header(map, "x-ratelimit-reset", Decimal::new(h.reset_ms).as_str());
         }
         Action::Continue
     }

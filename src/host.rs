@@ -39,7 +39,7 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
-    fn proxy_add_header_map_value(
+    fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
         key_size: usize,
@@ -169,10 +169,12 @@ pub fn header(map_type: u32, name: &str) -> Option<Vec<u8>> {
     }
 }
 
-pub fn add_header(map_type: u32, name: &str, value: &str) {
+/// Sets a header, replacing any value the upstream sent (a Rocket.Chat with its own limiter
+/// still on sends its per-process `x-ratelimit-*`; the gateway's count is the one that holds).
+pub fn set_header(map_type: u32, name: &str, value: &str) {
     // SAFETY: pointers and lengths of live strs.
     unsafe {
-        proxy_add_header_map_value(
+        proxy_replace_header_map_value(
             map_type,
             name.as_ptr(),
             name.len(),

@@ -150,8 +150,8 @@ def envoy_config(listen_port, admin_port, upstream_port, http_filters, xff_trust
 class Response:
     def __init__(self, status, headers, body):
         self.status = status
-        self.headers = headers  # lower-case name → value (last one wins)
-        self.header_list = headers  # kept for symmetry
+        self.headers = dict(headers)  # lower-case name → value (last one wins)
+        self.header_list = headers  # every (lower-case name, value), repeats included
         self.body = body
 
     def json(self):
@@ -261,7 +261,7 @@ class Envoy:
             conn.request(method, path, headers=hdrs)
             r = conn.getresponse()
             body = r.read()
-            return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, body)
+            return Response(r.status, [(k.lower(), v) for k, v in r.getheaders()], body)
         finally:
             if own:
                 conn.close()

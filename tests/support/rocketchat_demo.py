@@ -41,6 +41,8 @@ def fresh_state():
         "service": {"id": "service-id", "token": "service-token"},
         "permission_roles": {"api-bypass-rate-limit": ["admin", "bot", "app"]},
         "fault": None,
+        # Like a Rocket.Chat whose own (per-process) limiter is still on.
+        "own_ratelimit_headers": False,
         "delay_ms": 0,
         "hits": {},
         "me_calls": {},
@@ -64,6 +66,10 @@ class Handler(BaseHTTPRequestHandler):
     def _send(self, status, body, content_type="application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
+        if STATE["own_ratelimit_headers"]:
+            self.send_header("X-RateLimit-Limit", "999")
+            self.send_header("X-RateLimit-Remaining", "998")
+            self.send_header("X-RateLimit-Reset", "1")
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -195,7 +201,7 @@ class Handler(BaseHTTPRequestHandler):
                 fresh = fresh_state()
                 STATE.clear()
                 STATE.update(fresh)
-            for key in ("fault", "delay_ms", "permission_roles", "service"):
+            for key in ("fault", "delay_ms", "permission_roles", "service", "own_ratelimit_headers"):
                 if key in req:
                     STATE[key] = req[key]
             for uid, user in (req.get("users") or {}).items():
