@@ -99,3 +99,29 @@ compose-up: build
 shipping-tools:
 	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-registry >/dev/null; }
+
+# --- benchmark (issue 5) ----------------------------------------------------------------------
+# make bench        the filter's cost beside no filter, Envoy's local_ratelimit and an empty Wasm
+#                   filter: 7 interleaved rounds of 5 s, Envoy --concurrency 1 on CPU 0, wrk on
+#                   CPU 1; prints medians, paired ratios and PASS/FAIL per target (a report: a
+#                   missed target does not fail the target); JSON in target/bench/results.json.
+#                   BENCH_ARGS passes options to bench/bench.py (e.g. --rounds 9 --seconds 10).
+# make bench-smoke  the same harness, 1 round of 1 s (what tests/test_bench_smoke.py runs).
+
+.PHONY: bench bench-smoke bench-empty-filter
+
+EMPTY_WASM := $(CURDIR)/target/bench/empty-filter/$(WASM_TARGET)/release/bench_empty_filter.wasm
+BENCH_ARGS ?=
+export BENCH_EMPTY_WASM := $(EMPTY_WASM)
+
+# Its own crate and workspace; built with the same release profile as the filter.
+bench-empty-filter: target
+	cargo build --release --target $(WASM_TARGET) --manifest-path bench/empty-filter/Cargo.toml \
+		--target-dir $(CURDIR)/target/bench/empty-filter
+
+bench: tools build wrk bench-empty-filter
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
+bench-smoke: tools build wrk bench-empty-filter
+	$(PY) bench/bench.py --rounds 1 --seconds 1 --warmup 1 --cas-seconds 1 \
+		--out $(CURDIR)/target/bench/smoke.json $(BENCH_ARGS)
