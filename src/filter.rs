@@ -1,27 +1,41 @@
 //! The proxy-wasm adapter: fetches what the decision needs from Envoy, and applies the result.
 //! The request phase decides (and counts); the response phase only adds headers.
+//!
+//! Bypass (SPEC §5) may need an answer from Rocket.Chat first: the request is then *parked*
+//! (paused) until the answer arrives, on this worker or on another one, and is finished by
+//! whichever code sees the answer first (the callout response, or the root context's tick).
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::config::{self, Config};
+use crate::bypass::{self, CacheState, MeAnswer, SharedRoles};
+use crate::client::client_ip;
+use crate::config::{self, BypassConfig, Config, Limit};
 use crate::decision::{self, Countable, Events};
 use crate::fingerprint::Seed;
 use crate::host::{self, HostSharedData};
 use crate::metrics::{Counter, COUNTER_NAMES, GAUGE_TRACKED_CLIENTS};
 use crate::response::{too_many_requests_body, wait_seconds, Decimal};
-use crate::store;
+use crate::store::{self, SharedStore};
 
 const SEED_KEY: &str = "rlrc1:seed";
 const SOURCE_ADDRESS: &[u8] = b"source\0address";
+/// How often a VM with bypass on looks at lookups other workers run, and at the bypass roles.
+const TICK_MS: u32 = 20;
+/// Wait before retrying a failed permissions refresh.
+const PERMISSIONS_RETRY_MS: u64 = 5_000;
 
 proxy_wasm::main! {{
     let _ = log::set_logger(&host::HostLogger);
     log::set_max_level(log::LevelFilter::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { active: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { active: None, permissions_call: None })
+    });
 }}
 
 /// Metric ids of this VM (every VM defines the same names; Envoy maps them to one stat).
@@ -71,17 +85,63 @@ impl Metrics {
     }
 }
 
+/// The `x-ratelimit-*` values to add in the response phase.
+#[derive(Clone, Copy)]
+struct RateLimitHeaders {
+    limit: u32,
+    remaining: u32,
+    reset_ms: u64,
+}
+
+/// What a parked request needs to be counted later.
+#[derive(Clone, Copy)]
+struct Parked {
+    limit: Limit,
+    fingerprint: u64,
+    set: u32,
+}
+
+/// One user lookup this VM waits for.
+struct Lookup {
+    /// Parked requests (context ids) waiting for the answer.
+    waiters: Vec<u32>,
+    /// After this, the lookup counts as failed.
+    deadline_ms: u64,
+    /// This VM sent the callout (its answer arrives here); otherwise another worker did and
+    /// the answer is read from shared data on tick.
+    dispatched_here: bool,
+}
+
+/// The bypass state of one VM.
+struct BypassRuntime {
+    config: BypassConfig,
+    /// The roles holding the permission, as last seen in shared data (or the configured ones).
+    roles: RefCell<Vec<String>>,
+    lookups: RefCell<BTreeMap<u64, Lookup>>,
+    parked: RefCell<BTreeMap<u32, Parked>>,
+    /// Headers for parked requests that were let through, read in their response phase.
+    parked_headers: RefCell<BTreeMap<u32, RateLimitHeaders>>,
+}
+
 /// Everything a configured plugin shares with its HTTP contexts (one per VM, single-threaded).
 struct Active {
     config: Config,
     seed: Seed,
     metrics: Metrics,
+    bypass: Option<BypassRuntime>,
     /// Reused for every request: the counter key and the value read from shared data.
     key_buf: RefCell<String>,
     value_buf: RefCell<Vec<u8>>,
     /// Rate limit for warning logs under failure (at most one a second per VM).
     last_warning_ms: Cell<u64>,
     suppressed_warnings: Cell<u64>,
+}
+
+enum Outcome {
+    /// Let through; add these headers (none for bypass or fail-open).
+    Continue(Option<RateLimitHeaders>),
+    /// The 429 was sent.
+    Rejected,
 }
 
 impl Active {
@@ -95,20 +155,179 @@ impl Active {
                 .set(self.suppressed_warnings.get().saturating_add(1));
         }
     }
+
+    /// Counts a request and applies the verdict to the *effective* context.
+    fn count_and_apply(&self, countable: &Countable<'_>, now_ms: u64) -> Outcome {
+        let (action, events) = decision::count_request(
+            &self.config,
+            &HostSharedData,
+            &mut self.key_buf.borrow_mut(),
+            &mut self.value_buf.borrow_mut(),
+            countable,
+            now_ms,
+        );
+        self.metrics.record(&events);
+        let limit = countable.limit.requests;
+        match action {
+            decision::Action::Pass {
+                remaining,
+                reset_ms,
+            } => {
+                self.metrics.inc(Counter::Allowed);
+                Outcome::Continue(Some(RateLimitHeaders {
+                    limit,
+                    remaining,
+                    reset_ms,
+                }))
+            }
+            decision::Action::DryRunLimited { reset_ms } => {
+                self.metrics.inc(Counter::DryRunLimited);
+                self.warn_rate_limited(now_ms, "dry run: a request over its limit was let through");
+                Outcome::Continue(Some(RateLimitHeaders {
+                    limit,
+                    remaining: 0,
+                    reset_ms,
+                }))
+            }
+            decision::Action::Reject { reset_ms } => {
+                self.metrics.inc(Counter::Limited);
+                self.reject(limit, reset_ms, now_ms);
+                Outcome::Rejected
+            }
+            decision::Action::FailOpen => {
+                self.warn_rate_limited(
+                    now_ms,
+                    "counter store failed or stayed contended; request let through",
+                );
+                Outcome::Continue(None)
+            }
+        }
+    }
+
+    fn reject(&self, limit: u32, reset_ms: u64, now_ms: u64) {
+        let wait = wait_seconds(reset_ms, now_ms);
+        let body = too_many_requests_body(wait);
+        let limit = Decimal::new(u64::from(limit));
+        let reset = Decimal::new(reset_ms);
+        let wait_text = Decimal::new(wait);
+        let mut headers: Vec<(&str, &str)> = vec![
+            ("content-type", "application/json"),
+            ("x-ratelimit-limit", limit.as_str()),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", reset.as_str()),
+        ];
+        if self.config.retry_after {
+            headers.push(("retry-after", wait_text.as_str()));
+        }
+        if !host::send_local_response(429, "rocketchat_ratelimit", &headers, body.as_bytes()) {
+            self.warn_rate_limited(now_ms, "Envoy refused the 429 reply");
+        }
+    }
+
+    /// Finishes every request parked on the lookup of `user_fp`, with its answer.
+    fn finish_lookup(&self, user_fp: u64, answer: Option<bool>, now_ms: u64) {
+        let Some(rt) = &self.bypass else { return };
+        let Some(lookup) = rt.lookups.borrow_mut().remove(&user_fp) else {
+            return;
+        };
+        for context_id in lookup.waiters {
+            self.finish_parked(context_id, answer, now_ms);
+        }
+    }
+
+    /// `answer`: `Some(true)` bypass, `Some(false)` not a bypass user, `None` lookup failed.
+    fn finish_parked(&self, context_id: u32, answer: Option<bool>, now_ms: u64) {
+        let Some(rt) = &self.bypass else { return };
+        let Some(parked) = rt.parked.borrow_mut().remove(&context_id) else {
+            return; // the request is gone (client closed)
+        };
+        if !host::set_effective_context(context_id) {
+            return;
+        }
+        if answer == Some(true) {
+            self.metrics.inc(Counter::Bypassed);
+            host::resume_http_request();
+            return;
+        }
+        if answer.is_none() {
+            self.metrics.inc(Counter::CalloutFailures);
+        }
+        let countable = Countable {
+            limit: parked.limit,
+            limit_header: "",
+            fingerprint: parked.fingerprint,
+            set: parked.set,
+        };
+        match self.count_and_apply(&countable, now_ms) {
+            Outcome::Continue(headers) => {
+                if let Some(h) = headers {
+                    rt.parked_headers.borrow_mut().insert(context_id, h);
+                }
+                host::resume_http_request();
+            }
+            Outcome::Rejected => {}
+        }
+    }
+
+    /// Root tick: lookups run by other workers, lost lookups, and the bypass roles.
+    fn tick(&self, now_ms: u64) -> Option<()> {
+        let rt = self.bypass.as_ref()?;
+        let mut finished: Vec<(u64, Option<bool>)> = Vec::new();
+        let mut buf = Vec::new();
+        for (user_fp, lookup) in rt.lookups.borrow().iter() {
+            if lookup.dispatched_here {
+                if now_ms >= lookup.deadline_ms {
+                    finished.push((*user_fp, None));
+                }
+                continue;
+            }
+            let key = bypass::user_slot_key(bypass::user_slot(*user_fp));
+            let state = match HostSharedData.get(&key, &mut buf) {
+                Ok(Some(_)) => bypass::read_slot(&buf, *user_fp, now_ms),
+                _ => CacheState::Miss,
+            };
+            match state {
+                CacheState::Roles(roles) => finished.push((
+                    *user_fp,
+                    Some(bypass::is_bypass(&roles, &rt.roles.borrow())),
+                )),
+                CacheState::Pending if now_ms < lookup.deadline_ms => {}
+                // The other worker's lookup failed (it cleared the slot) or was lost.
+                _ => finished.push((*user_fp, None)),
+            }
+        }
+        for (user_fp, answer) in finished {
+            self.finish_lookup(user_fp, answer, now_ms);
+        }
+        // The bypass roles other VMs fetched.
+        let shared = self.shared_roles(&mut buf);
+        if let Some(roles) = shared.and_then(|(s, _)| s.roles) {
+            *rt.roles.borrow_mut() = roles;
+        }
+        Some(())
+    }
+
+    fn shared_roles(&self, buf: &mut Vec<u8>) -> Option<(SharedRoles, u32)> {
+        let rt = self.bypass.as_ref()?;
+        let key = bypass::shared_roles_key(&rt.config.permission);
+        match HostSharedData.get(&key, buf) {
+            Ok(Some(cas)) => Some((SharedRoles::decode(buf), cas)),
+            _ => None,
+        }
+    }
 }
 
 struct Root {
     active: Option<Rc<Active>>,
+    /// The permissions refresh this VM has in flight.
+    permissions_call: Option<u32>,
 }
-
-impl Context for Root {}
 
 /// The process-wide hash seed: created once (by the first VM to configure, on Envoy's main
 /// thread before any worker serves), then read by every VM.
 fn shared_seed() -> Seed {
     let store = HostSharedData;
     let mut buf = Vec::new();
-    use crate::store::SharedStore;
     if let Ok(Some(_)) = store.get(SEED_KEY, &mut buf) {
         if let Some(seed) = Seed::from_bytes(&buf) {
             return seed;
@@ -118,9 +337,9 @@ fn shared_seed() -> Seed {
     if getrandom::fill(&mut fresh).is_err() {
         // No entropy from the host: still distinct per process start.
         let t = host::now_ms();
-        fresh.copy_from_slice(
-            &[t.to_le_bytes(), (t ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes()].concat(),
-        );
+        let (a, b) = fresh.split_at_mut(8);
+        a.copy_from_slice(&t.to_le_bytes());
+        b.copy_from_slice(&(t ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes());
     }
     let _ = store.set(SEED_KEY, &fresh, 0);
     // Read back whatever is stored, so that every VM uses the one value.
@@ -130,6 +349,79 @@ fn shared_seed() -> Seed {
     }
     .or_else(|| Seed::from_bytes(&fresh))
     .unwrap_or(Seed(0, 0))
+}
+
+/// Creates the user-cache slots and the shared roles entry if missing (never overwrites).
+fn ensure_bypass_tables(b: &BypassConfig) -> Result<(), store::StoreError> {
+    let store = HostSharedData;
+    let mut buf = Vec::new();
+    let roles_key = bypass::shared_roles_key(&b.permission);
+    if store.get(&roles_key, &mut buf)?.is_none() {
+        store.set(&roles_key, &SharedRoles::default().encode(), 0)?;
+    }
+    let ready = bypass::user_table_ready_key();
+    if store.get(&ready, &mut buf)?.is_some() {
+        return Ok(());
+    }
+    for slot in 0..bypass::USER_CACHE_SLOTS {
+        let key = bypass::user_slot_key(slot);
+        if store.get(&key, &mut buf)?.is_none() {
+            store.set(&key, bypass::EMPTY_SLOT, 0)?;
+        }
+    }
+    store.set(&ready, b"1", 0)
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if self.permissions_call != Some(token_id) {
+            return;
+        }
+        self.permissions_call = None;
+        let Some(active) = self.active.clone() else {
+            return;
+        };
+        let Some(rt) = &active.bypass else { return };
+        let now_ms = host::now_ms();
+        let status = host::http_call_status();
+        let body = host::buffer(host::BUFFER_HTTP_CALL_RESPONSE_BODY, body_size.min(4 << 20));
+        let roles = bypass::parse_permissions(status, &body, &rt.config.permission);
+        if roles.is_none() {
+            active.metrics.inc(Counter::CalloutFailures);
+            active.warn_rate_limited(
+                now_ms,
+                "bypass: permissions lookup failed; keeping the previous bypass roles",
+            );
+        }
+        let mut buf = Vec::new();
+        for _ in 0..store::MAX_CAS_ATTEMPTS {
+            let Some((mut shared, cas)) = active.shared_roles(&mut buf) else {
+                break;
+            };
+            match &roles {
+                Some(r) => {
+                    shared.roles = Some(r.clone());
+                    shared.fetched_ms = now_ms;
+                    shared.lease_until_ms = 0;
+                }
+                None => shared.lease_until_ms = now_ms + PERMISSIONS_RETRY_MS,
+            }
+            let key = bypass::shared_roles_key(&rt.config.permission);
+            match HostSharedData.set(&key, &shared.encode(), cas) {
+                Err(store::StoreError::CasMismatch) => continue,
+                _ => break,
+            }
+        }
+        if let Some(r) = roles {
+            *rt.roles.borrow_mut() = r;
+        }
+    }
 }
 
 impl RootContext for Root {
@@ -151,6 +443,23 @@ impl RootContext for Root {
             log::error!("cannot create the counter table in shared data: {e:?}");
             return false;
         }
+        let bypass = match &config.bypass {
+            Some(b) => {
+                if let Err(e) = ensure_bypass_tables(b) {
+                    log::error!("cannot create the bypass cache in shared data: {e:?}");
+                    return false;
+                }
+                host::set_tick_period_ms(TICK_MS);
+                Some(BypassRuntime {
+                    config: b.clone(),
+                    roles: RefCell::new(b.roles.clone()),
+                    lookups: RefCell::new(BTreeMap::new()),
+                    parked: RefCell::new(BTreeMap::new()),
+                    parked_headers: RefCell::new(BTreeMap::new()),
+                })
+            }
+            None => None,
+        };
         log::info!(
             "configured (limiting {}, dry_run {}, {} client slots, bypass {})",
             config.limiting,
@@ -162,6 +471,7 @@ impl RootContext for Root {
             config,
             seed,
             metrics,
+            bypass,
             key_buf: RefCell::new(String::with_capacity(32)),
             value_buf: RefCell::new(Vec::with_capacity(crate::limiter::SET_BYTES)),
             last_warning_ms: Cell::new(0),
@@ -170,10 +480,64 @@ impl RootContext for Root {
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        let Some(active) = self.active.clone() else {
+            return;
+        };
+        let now_ms = host::now_ms();
+        active.tick(now_ms);
+        // Permissions refresh: one VM at a time, through a lease in shared data.
+        let Some(rt) = &active.bypass else { return };
+        let Some((id, token)) = rt.config.service_account.as_ref() else {
+            return;
+        };
+        if self.permissions_call.is_some() {
+            return;
+        }
+        let mut buf = Vec::new();
+        let Some((mut shared, cas)) = active.shared_roles(&mut buf) else {
+            return;
+        };
+        if !shared.refresh_due(now_ms, rt.config.refresh_interval_ms) {
+            return;
+        }
+        shared.lease_until_ms = now_ms + rt.config.timeout_ms + bypass::PENDING_GRACE_MS;
+        let key = bypass::shared_roles_key(&rt.config.permission);
+        if HostSharedData.set(&key, &shared.encode(), cas).is_err() {
+            return; // another VM took the lease
+        }
+        let headers = vec![
+            (":method", "GET"),
+            (":path", rt.config.permissions_path.as_str()),
+            (":authority", rt.config.authority.as_str()),
+            ("accept", "application/json"),
+            ("x-user-id", id.as_str()),
+            ("x-auth-token", token.as_str()),
+        ];
+        match self.dispatch_http_call(
+            &rt.config.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(rt.config.timeout_ms),
+        ) {
+            Ok(call) => self.permissions_call = Some(call),
+            Err(_) => {
+                active.metrics.inc(Counter::CalloutFailures);
+                active.warn_rate_limited(
+                    now_ms,
+                    "bypass: cannot call the permissions endpoint (is bypass.cluster defined in Envoy?)",
+                );
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
+            context_id,
             active: self.active.clone(),
             headers: None,
+            lookup: None,
         }))
     }
 
@@ -182,19 +546,22 @@ impl RootContext for Root {
     }
 }
 
-/// The `x-ratelimit-*` values to add in the response phase.
-struct RateLimitHeaders {
-    limit: u32,
-    remaining: u32,
-    reset_ms: u64,
-}
-
 struct Http {
+    context_id: u32,
     active: Option<Rc<Active>>,
     headers: Option<RateLimitHeaders>,
+    /// The user lookup this context dispatched (its answer arrives here).
+    lookup: Option<(u64, Vec<u8>)>,
 }
 
-impl Context for Http {}
+/// A header value that may be sent on in a callout: present, non-empty, UTF-8.
+fn credential(name: &str) -> Option<String> {
+    let v = host::header(host::MAP_REQUEST_HEADERS, name)?;
+    if v.is_empty() {
+        return None;
+    }
+    String::from_utf8(v).ok()
+}
 
 impl Http {
     fn classify<'a>(&self, active: &'a Active) -> Option<Countable<'a>> {
@@ -205,24 +572,195 @@ impl Http {
         })
     }
 
-    fn reject(&self, active: &Active, limit: u32, reset_ms: u64, now_ms: u64) {
-        let wait = wait_seconds(reset_ms, now_ms);
-        let body = too_many_requests_body(wait);
-        let limit = Decimal::new(u64::from(limit));
-        let reset = Decimal::new(reset_ms);
-        let wait_text = Decimal::new(wait);
-        let mut headers: Vec<(&str, &str)> = vec![
-            ("content-type", "application/json"),
-            ("x-ratelimit-limit", limit.as_str()),
-            ("x-ratelimit-remaining", "0"),
-            ("x-ratelimit-reset", reset.as_str()),
-        ];
-        if active.config.retry_after {
-            headers.push(("retry-after", wait_text.as_str()));
+    fn apply(&mut self, outcome: Outcome) -> Action {
+        match outcome {
+            Outcome::Continue(headers) => {
+                self.headers = headers;
+                Action::Continue
+            }
+            Outcome::Rejected => Action::Pause,
         }
-        if !host::send_local_response(429, "rocketchat_ratelimit", &headers, body.as_bytes()) {
-            active.warn_rate_limited(now_ms, "Envoy refused the 429 reply");
+    }
+
+    /// The bypass step (SPEC §5) for a request that would be counted. `None`: no bypass
+    /// question (count now); `Some(action)`: decided or parked.
+    fn bypass_step(
+        &mut self,
+        active: &Active,
+        countable: &Countable<'_>,
+        now_ms: u64,
+    ) -> Option<Action> {
+        let rt = active.bypass.as_ref()?;
+        // Only a request carrying both credentials can bypass (§5.1); others: no callout.
+        let user_id = credential("x-user-id")?;
+        let token = credential("x-auth-token")?;
+        let user_fp = bypass::user_fingerprint(active.seed, user_id.as_bytes(), token.as_bytes());
+        let key = bypass::user_slot_key(bypass::user_slot(user_fp));
+        let parked = Parked {
+            limit: countable.limit,
+            fingerprint: countable.fingerprint,
+            set: countable.set,
+        };
+        let deadline_ms = now_ms + rt.config.timeout_ms + bypass::PENDING_GRACE_MS;
+        let mut buf = Vec::new();
+        for _ in 0..4 {
+            let cas = match HostSharedData.get(&key, &mut buf) {
+                Ok(Some(cas)) => cas,
+                _ => return None, // no cache: count as usual
+            };
+            match bypass::read_slot(&buf, user_fp, now_ms) {
+                CacheState::Roles(roles) => {
+                    if bypass::is_bypass(&roles, &rt.roles.borrow()) {
+                        active.metrics.inc(Counter::Bypassed);
+                        return Some(Action::Continue);
+                    }
+                    return None;
+                }
+                CacheState::Pending => {
+                    // Someone (here or on another worker) is asking: wait for that answer.
+                    self.park(rt, user_fp, parked, deadline_ms, false);
+                    return Some(Action::Pause);
+                }
+                CacheState::Miss => {
+                    if rt.lookups.borrow().contains_key(&user_fp) {
+                        self.park(rt, user_fp, parked, deadline_ms, false);
+                        return Some(Action::Pause);
+                    }
+                    let marker = bypass::pending_slot(user_fp, deadline_ms);
+                    match HostSharedData.set(&key, &marker, cas) {
+                        Ok(()) => {}
+                        Err(store::StoreError::CasMismatch) => continue,
+                        Err(_) => return None,
+                    }
+                    let ip = host::property(SOURCE_ADDRESS).unwrap_or_default();
+                    let ip = String::from_utf8_lossy(client_ip(&ip)).into_owned();
+                    let headers = vec![
+                        (":method", "GET"),
+                        (":path", rt.config.me_path.as_str()),
+                        (":authority", rt.config.authority.as_str()),
+                        ("accept", "application/json"),
+                        ("x-user-id", user_id.as_str()),
+                        ("x-auth-token", token.as_str()),
+                        ("x-real-ip", ip.as_str()),
+                        ("x-forwarded-for", ip.as_str()),
+                    ];
+                    match self.dispatch_http_call(
+                        &rt.config.cluster,
+                        headers,
+                        None,
+                        vec![],
+                        Duration::from_millis(rt.config.timeout_ms),
+                    ) {
+                        Ok(_) => {
+                            self.lookup = Some((user_fp, user_id.into_bytes()));
+                            self.park(rt, user_fp, parked, deadline_ms, true);
+                            return Some(Action::Pause);
+                        }
+                        Err(_) => {
+                            clear_pending(&key, user_fp);
+                            active.metrics.inc(Counter::CalloutFailures);
+                            active.warn_rate_limited(
+                                now_ms,
+                                "bypass: cannot call the me endpoint (is bypass.cluster defined in Envoy?)",
+                            );
+                            return None;
+                        }
+                    }
+                }
+            }
         }
+        None
+    }
+
+    fn park(
+        &self,
+        rt: &BypassRuntime,
+        user_fp: u64,
+        parked: Parked,
+        deadline_ms: u64,
+        dispatched: bool,
+    ) {
+        rt.parked.borrow_mut().insert(self.context_id, parked);
+        let mut lookups = rt.lookups.borrow_mut();
+        let lookup = lookups.entry(user_fp).or_insert(Lookup {
+            waiters: Vec::new(),
+            deadline_ms,
+            dispatched_here: dispatched,
+        });
+        if dispatched {
+            lookup.dispatched_here = true;
+            lookup.deadline_ms = deadline_ms;
+        }
+        lookup.waiters.push(self.context_id);
+    }
+}
+
+/// Removes our pending marker after a failed lookup, so the next request asks again.
+fn clear_pending(key: &str, user_fp: u64) {
+    let mut buf = Vec::new();
+    if let Ok(Some(cas)) = HostSharedData.get(key, &mut buf) {
+        if bypass::is_pending_for(&buf, user_fp) {
+            let _ = HostSharedData.set(key, bypass::EMPTY_SLOT, cas);
+        }
+    }
+}
+
+impl Context for Http {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(active) = self.active.clone() else {
+            return;
+        };
+        let Some((user_fp, user_id)) = self.lookup.take() else {
+            return;
+        };
+        let Some(rt) = &active.bypass else { return };
+        let now_ms = host::now_ms();
+        let status = host::http_call_status();
+        let body = host::buffer(host::BUFFER_HTTP_CALL_RESPONSE_BODY, body_size.min(1 << 20));
+        let answer = bypass::parse_me(status, &body, &user_id);
+        let key = bypass::user_slot_key(bypass::user_slot(user_fp));
+        let verdict = match &answer {
+            MeAnswer::Roles(roles) => Some(bypass::is_bypass(roles, &rt.roles.borrow())),
+            MeAnswer::NotAuthenticated => Some(false),
+            MeAnswer::Failure => None,
+        };
+        match answer {
+            MeAnswer::Failure => {
+                clear_pending(&key, user_fp);
+                active.warn_rate_limited(
+                    now_ms,
+                    "bypass: me lookup failed (timeout, reset, non-200 or bad JSON); counted as a normal request",
+                );
+            }
+            MeAnswer::Roles(_) | MeAnswer::NotAuthenticated => {
+                let roles = match &answer {
+                    MeAnswer::Roles(r) => r.as_slice(),
+                    _ => &[],
+                };
+                let value = bypass::resolved_slot(user_fp, now_ms + rt.config.cache_ttl_ms, roles);
+                let mut buf = Vec::new();
+                for _ in 0..4 {
+                    let Ok(Some(cas)) = HostSharedData.get(&key, &mut buf) else {
+                        break;
+                    };
+                    // Replace our own marker or a dead slot, never another caller's fresh entry.
+                    if !bypass::may_store_answer(&buf, user_fp, now_ms) {
+                        break;
+                    }
+                    match HostSharedData.set(&key, &value, cas) {
+                        Err(store::StoreError::CasMismatch) => continue,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        active.finish_lookup(user_fp, verdict, now_ms);
     }
 }
 
@@ -236,57 +774,20 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         let now_ms = host::now_ms();
-        let (action, events) = decision::count_request(
-            &active.config,
-            &HostSharedData,
-            &mut active.key_buf.borrow_mut(),
-            &mut active.value_buf.borrow_mut(),
-            &countable,
-            now_ms,
-        );
-        active.metrics.record(&events);
-        let limit = countable.limit.requests;
-        match action {
-            decision::Action::Pass {
-                remaining,
-                reset_ms,
-            } => {
-                active.metrics.inc(Counter::Allowed);
-                self.headers = Some(RateLimitHeaders {
-                    limit,
-                    remaining,
-                    reset_ms,
-                });
-                Action::Continue
-            }
-            decision::Action::DryRunLimited { reset_ms } => {
-                active.metrics.inc(Counter::DryRunLimited);
-                active
-                    .warn_rate_limited(now_ms, "dry run: a request over its limit was let through");
-                self.headers = Some(RateLimitHeaders {
-                    limit,
-                    remaining: 0,
-                    reset_ms,
-                });
-                Action::Continue
-            }
-            decision::Action::Reject { reset_ms } => {
-                active.metrics.inc(Counter::Limited);
-                self.reject(&active, limit, reset_ms, now_ms);
-                Action::Pause
-            }
-            decision::Action::FailOpen => {
-                active.warn_rate_limited(
-                    now_ms,
-                    "counter store failed or stayed contended; request let through",
-                );
-                Action::Continue
-            }
+        if let Some(action) = self.bypass_step(&active, &countable, now_ms) {
+            return action;
         }
+        let outcome = active.count_and_apply(&countable, now_ms);
+        self.apply(outcome)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(h) = self.headers.take() {
+        let headers = self.headers.take().or_else(|| {
+            let rt = self.active.as_ref()?.bypass.as_ref()?;
+            let h = rt.parked_headers.borrow_mut().remove(&self.context_id);
+            h
+        });
+        if let Some(h) = headers {
             let map = host::MAP_RESPONSE_HEADERS;
             host::set_header(
                 map,
@@ -301,5 +802,19 @@ impl HttpContext for Http {
             host::set_header(map, "x-ratelimit-reset", Decimal::new(h.reset_ms).as_str());
         }
         Action::Continue
+    }
+}
+
+impl Drop for Http {
+    /// A request that ends while parked (client gone) leaves nothing behind.
+    fn drop(&mut self) {
+        let Some(rt) = self.active.as_ref().and_then(|a| a.bypass.as_ref()) else {
+            return;
+        };
+        rt.parked.borrow_mut().remove(&self.context_id);
+        rt.parked_headers.borrow_mut().remove(&self.context_id);
+        for lookup in rt.lookups.borrow_mut().values_mut() {
+            lookup.waiters.retain(|id| *id != self.context_id);
+        }
     }
 }

@@ -17,6 +17,8 @@ const CAS_MISMATCH: u32 = 8;
 
 pub const MAP_REQUEST_HEADERS: u32 = 0;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
+pub const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+pub const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 pub const METRIC_COUNTER: u32 = 0;
 pub const METRIC_GAUGE: u32 = 1;
@@ -83,6 +85,9 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
 }
 
 /// Takes ownership of a host-allocated buffer (allocated through the SDK's
@@ -253,6 +258,29 @@ pub fn increment_metric(id: u32, offset: i64) {
     unsafe {
         proxy_increment_metric(id, offset);
     }
+}
+
+pub fn set_tick_period_ms(period: u32) -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_set_tick_period_milliseconds(period) == OK }
+}
+
+/// Makes `context_id` the context later host calls act on (e.g. resuming another request).
+pub fn set_effective_context(context_id: u32) -> bool {
+    // SAFETY: plain value.
+    unsafe { proxy_set_effective_context(context_id) == OK }
+}
+
+/// Resumes the effective context's paused request (Envoy defers it to after this VM call).
+pub fn resume_http_request() -> bool {
+    // SAFETY: plain value; 0 is the request stream.
+    unsafe { proxy_continue_stream(0) == OK }
+}
+
+/// The HTTP status of the callout answer being delivered, if any.
+pub fn http_call_status() -> Option<u16> {
+    let status = header(MAP_HTTP_CALL_RESPONSE_HEADERS, ":status")?;
+    std::str::from_utf8(&status).ok()?.parse().ok()
 }
 
 /// Envoy's shared data, every status mapped.

@@ -5,6 +5,7 @@
 //! proxy-wasm and is tested natively; `host` and `filter` are the adapter to Envoy and exist
 //! only in the wasm build.
 
+pub mod bypass;
 pub mod client;
 pub mod config;
 pub mod decision;
