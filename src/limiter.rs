@@ -204,7 +204,7 @@ pub fn decide(set: &Set, fingerprint: u64, limit: Limit, now_ms: u64) -> Decisio
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

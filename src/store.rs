@@ -7,7 +7,7 @@
 //! ([`ensure_table`]), and the request path only ever writes with the CAS of a real read.
 
 use crate::config::Limit;
-use crate::limiter::{self, Decision, Set};
+use crate::limiter::{self, Set, Verdict};
 
 /// Errors a store reports. Everything the host can answer maps to one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +34,17 @@ pub const MAX_CAS_ATTEMPTS: u32 = 64;
 /// Placeholder value of a created, never-used counter key (decodes as an empty set).
 pub const EMPTY_SET: &[u8] = &[0];
 
+/// What counting a request decided (the limiter's decision, once written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    pub verdict: Verdict,
+    pub collision: bool,
+    pub new_slot: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CountOutcome {
-    Decided(Decision),
+    Decided(Counted),
     /// The store failed or contention outlasted the retries: let the request through.
     Failed(StoreError),
 }
@@ -115,16 +123,21 @@ pub fn count<S: SharedStore>(
         };
         let set = Set::decode(buf);
         let decision = limiter::decide(&set, fingerprint, limit, now_ms);
+        let counted = Counted {
+            verdict: decision.verdict,
+            collision: decision.collision,
+            new_slot: decision.new_slot,
+        };
         let Some(next) = decision.write else {
             return CountResult {
-                outcome: CountOutcome::Decided(decision),
+                outcome: CountOutcome::Decided(counted),
                 retries,
             };
         };
         match store.set(key, &next.encode(), cas) {
             Ok(()) => {
                 return CountResult {
-                    outcome: CountOutcome::Decided(decision),
+                    outcome: CountOutcome::Decided(counted),
                     retries,
                 }
             }
@@ -166,7 +179,7 @@ pub fn ensure_table<S: SharedStore>(store: &S, sets: u32) -> Result<u32, StoreEr
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 pub mod memory {
     //! An in-memory store with Envoy's CAS semantics, for native tests of the logic above.
     //! The real thing is exercised by the tests that run Envoy.
@@ -210,11 +223,10 @@ pub mod memory {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::memory::MemoryStore;
     use super::*;
-    use crate::limiter::Verdict;
 
     const L2: Limit = Limit {
         requests: 2,
@@ -255,7 +267,7 @@ mod tests {
         assert_eq!(r.retries, 3);
         assert!(matches!(
             r.outcome,
-            CountOutcome::Decided(Decision {
+            CountOutcome::Decided(Counted {
                 verdict: Verdict::Allowed { remaining: 1, .. },
                 ..
             })
@@ -264,7 +276,7 @@ mod tests {
         let r = count(&store, &key, &mut buf, 9, L2, 5);
         assert!(matches!(
             r.outcome,
-            CountOutcome::Decided(Decision {
+            CountOutcome::Decided(Counted {
                 verdict: Verdict::Limited { .. },
                 ..
             })
