@@ -125,3 +125,17 @@ bench: tools build wrk bench-empty-filter
 bench-smoke: tools build wrk bench-empty-filter
 	$(PY) bench/bench.py --rounds 1 --seconds 1 --warmup 1 --cas-seconds 1 \
 		--out $(CURDIR)/target/bench/smoke.json $(BENCH_ARGS)
+
+# make bench-profile  where the time goes: host calls and wasm instructions per request (counted
+#                     on a wasmtime host, bench/hostcalls.py), Envoy CPU per kind of host call
+#                     (bench/probe-filter), and a perf split by object; target/bench/profile.json.
+.PHONY: bench-profile
+PROBE_WASM := $(CURDIR)/target/bench/probe-filter/$(WASM_TARGET)/release/bench_probe_filter.wasm
+export BENCH_PROBE_WASM := $(PROBE_WASM)
+
+bench-profile: tools build wrk bench-empty-filter
+	cargo build --release --target $(WASM_TARGET) --manifest-path bench/probe-filter/Cargo.toml \
+		--target-dir $(CURDIR)/target/bench/probe-filter
+	@$(PY) -c 'import wasmtime' 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	@command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
+	$(PY) bench/profile.py $(BENCH_ARGS)
