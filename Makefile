@@ -14,8 +14,12 @@ PYTEST_ARGS   ?=
 
 export ENVOY_BIN
 export FILTER_WASM := $(WASM)
+# A test-only build with a VM trap trigger (cargo feature `test-trap`), in its own target dir
+# so it can never be mistaken for the release .wasm.
+TRAP_WASM     := $(CURDIR)/target/test-trap/$(WASM_TARGET)/release/rocketchat_ratelimit_wasm.wasm
+export TEST_TRAP_WASM := $(TRAP_WASM)
 
-.PHONY: help tools target venv wrk build run test unit lint e2e clean
+.PHONY: help tools target venv wrk build build-test-trap run test unit lint e2e clean
 
 help:
 	@echo "make run    build the filter and start Envoy with it in front of Rocket.Chat (or a demo upstream)"
@@ -63,7 +67,10 @@ lint: target
 unit:
 	cargo test
 
-e2e: tools build wrk shipping-tools
+build-test-trap: target
+	CARGO_TARGET_DIR=$(CURDIR)/target/test-trap cargo build --release --target $(WASM_TARGET) --features test-trap
+
+e2e: tools build build-test-trap wrk shipping-tools
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 test: tools lint unit e2e

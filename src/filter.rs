@@ -766,6 +766,16 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        if host::header(
+            host::MAP_REQUEST_HEADERS,
+            "x-rocketchat-ratelimit-test-trap",
+        )
+        .is_some()
+        {
+            // Test builds only (see Cargo.toml): a real trap, as a bug would cause.
+            core::arch::wasm32::unreachable();
+        }
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };

@@ -82,9 +82,9 @@ class Upstream:
             self.proc.kill()
 
 
-def wasm_filter(plugin_config, wasm_path=FILTER_WASM, name="rocketchat_ratelimit"):
+def wasm_filter(plugin_config, wasm_path=FILTER_WASM, name="rocketchat_ratelimit", failure_policy=None):
     text = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
-    return {
+    f = {
         "name": "envoy.filters.http.wasm",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
@@ -103,6 +103,9 @@ def wasm_filter(plugin_config, wasm_path=FILTER_WASM, name="rocketchat_ratelimit
             },
         },
     }
+    if failure_policy:
+        f["typed_config"]["config"]["failure_policy"] = failure_policy
+    return f
 
 
 def envoy_config(listen_port, admin_port, upstream_port, http_filters, xff_trusted_hops=0,
