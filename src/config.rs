@@ -16,6 +16,8 @@ use crate::route::{RouteTable, RouteTableBuilder};
 
 /// Longest window the filter accepts: one day, as SPEC §2 says.
 pub const MAX_INTERVAL_MS: u64 = 86_400_000;
+/// Largest `numRequestsAllowed`: a slot keeps its count in 31 bits.
+pub const MAX_REQUESTS: u64 = 0x7fff_ffff;
 /// Ways (client-counter slots) per shared-data key; see `limiter`.
 pub const WAYS_PER_SET: u32 = 8;
 /// Upper bound of `max_tracked_clients`: every slot is created at configure time, so a huge
@@ -355,8 +357,8 @@ fn compile_limit(field: &str, raw: &RawLimit, fallback: Limit) -> Result<Limit, 
         Some(n) => positive(
             &format!("{field}.numRequestsAllowed"),
             n,
-            u64::from(u32::MAX),
-            "4294967295",
+            MAX_REQUESTS,
+            "2147483647",
         )? as u32,
         None => fallback.requests,
     };
@@ -626,6 +628,7 @@ mod tests {
             (r#"{"default":{"numRequestsAllowed":-3}}"#, "default.numRequestsAllowed: must be a positive integer"),
             (r#"{"default":{"numRequestsAllowed":1.5}}"#, "default.numRequestsAllowed: must be a positive integer"),
             (r#"{"default":{"intervalTimeInMS":86400001}}"#, "default.intervalTimeInMS: must be at most 86400000 (one day)"),
+            (r#"{"default":{"numRequestsAllowed":2147483648}}"#, "default.numRequestsAllowed: must be at most 2147483647"),
             (r#"{"routes":[{"path":"/api/v1/a","rateLimiterOptions":false},{"path":"/api/v1/b","rateLimiterOptions":{"numRequestsAllowed":0}}]}"#, "routes[1].rateLimiterOptions.numRequestsAllowed: must be a positive integer"),
             (r#"{"routes":[{"path":"api/v1/x","rateLimiterOptions":false}]}"#, "routes[0].path: must start with '/'"),
             (r#"{"routes":[{"path":"/api/v1/x","rateLimiterOptions":false},{"path":"/api/v1/x","rateLimiterOptions":{}}]}"#, "routes[1].path: duplicate route: same path and method as routes[0]"),

@@ -180,7 +180,9 @@ pub fn decide(set: &Set, fingerprint: u64, limit: Limit, now_ms: u64) -> Decisio
         way.end_ms = way.end_ms.max(own_end);
         way.shared = true;
     }
-    if way.count >= limit.requests {
+    // A count at the top of its 31 bits is full whatever the limit (the config caps limits
+    // below it; this keeps a corrupted value from wrapping).
+    if way.count >= limit.requests || way.count >= COUNT_MASK {
         return Decision {
             verdict: Verdict::Limited {
                 reset_ms: way.end_ms,

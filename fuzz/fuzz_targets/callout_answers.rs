@@ -1,0 +1,23 @@
+//! Any callout answer (status, body) and any cached slot bytes: never a panic, and a `me`
+//! answer only yields roles for a 200 naming the caller.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use rocketchat_ratelimit_wasm::bypass::{self, MeAnswer, SharedRoles};
+
+fuzz_target!(|data: &[u8]| {
+    let (status, body) = match data.split_first() {
+        Some((s, rest)) => (
+            [None, Some(200u16), Some(401), Some(500), Some(204)][usize::from(*s) % 5],
+            rest,
+        ),
+        None => (None, data),
+    };
+    if let MeAnswer::Roles(_) = bypass::parse_me(status, body, b"u1") {
+        assert_eq!(status, Some(200));
+    }
+    let _ = bypass::parse_permissions(status, body, "api-bypass-rate-limit");
+    let _ = bypass::read_slot(body, 42, 1000);
+    let _ = bypass::may_store_answer(body, 42, 1000);
+    let shared = SharedRoles::decode(body);
+    let _ = SharedRoles::decode(&shared.encode());
+});
