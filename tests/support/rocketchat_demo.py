@@ -13,7 +13,7 @@ It answers the REST API the way Rocket.Chat shapes its answers:
 Tests steer it through `/__control` (JSON POST: users, permission roles, fault mode and delay)
 and read what it saw from `/__stats`. Fault modes apply to the two bypass endpoints only:
 `slow` (sleep `delay_ms`), `500`, `reset` (close without answering), `garbage` (200 with a
-body that is not JSON), `mismatch` (another user's `_id`).
+body that is not JSON), `mismatch` (another user's `_id`), `flaky` (every tenth answer a 500).
 
 Run: python3 rocketchat_demo.py --port 3000
 """
@@ -83,6 +83,15 @@ class Handler(BaseHTTPRequestHandler):
         """Applies the configured fault to a bypass endpoint. True when it answered."""
         with STATE_LOCK:
             fault, delay = STATE["fault"], STATE["delay_ms"]
+        if fault == "flaky":
+            # One answer in ten is a 500 (the soak test's failing callouts).
+            with STATE_LOCK:
+                STATE["flaky_count"] = STATE.get("flaky_count", 0) + 1
+                fail = STATE["flaky_count"] % 10 == 0
+            if fail:
+                self._send(500, {"success": False, "error": "flaky"})
+                return True
+            return False
         if fault == "slow":
             time.sleep(delay / 1000.0)
             return False
