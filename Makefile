@@ -145,4 +145,4 @@ bench-profile: tools build wrk bench-empty-filter
 		--target-dir $(CURDIR)/target/bench/probe-filter
 	@$(PY) -c 'import wasmtime' 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	@command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
-	$(PY) bench/profile.py $(BENCH_ARGS)
+	$(PY) bench/hotpath.py $(BENCH_ARGS)

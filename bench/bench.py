@@ -277,6 +277,7 @@ def main():
     workdir.mkdir(parents=True)
 
     started = time.time()
+    commit = git_describe()  # before the run: what `make build` built
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     upstream = conftest.Upstream()
     envoys = {}
@@ -370,7 +371,7 @@ def main():
 
     results.update({
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_describe(),
+        "commit": commit,
         "envoy": envoy_version(),
         "machine": {"cpus": os.cpu_count(), "envoy_cpu": args.envoy_cpu, "load_cpu": args.load_cpu,
                     "loadavg_before": load_before,

@@ -75,10 +75,11 @@ def count_calls():
 
 
 def calibrate(args, upstream, workdir):
+    probes = [p for i, p in enumerate(PROBES) if not args.probes or i == 0 or str(i) in args.probes.split(",")]
     envoys = {}
     rounds = []
     try:
-        for name, plan, _ in PROBES:
+        for name, plan, _ in probes:
             if plan is None:
                 filters = bench.http_filters("d", Path(conftest.FILTER_WASM))
             else:
@@ -96,7 +97,7 @@ def calibrate(args, upstream, workdir):
         for e in envoys.values():
             e.stop()
     result = {}
-    for name, plan, n in PROBES:
+    for name, plan, n in probes:
         diffs = [row[name]["cpu_us_per_req"] - row["empty"]["cpu_us_per_req"] for row in rounds]
         med = statistics.median(diffs)
         result[name] = {"plan": plan, "calls": n, "cpu_us_per_req_median": statistics.median(
@@ -146,6 +147,7 @@ def main():
     p.add_argument("--load-cpu", default="1")
     p.add_argument("--out", default=str(ROOT / "target" / "bench" / "profile.json"))
     p.add_argument("--skip", default="", help="comma list of: calls, calibrate, perf")
+    p.add_argument("--probes", default="", help="comma list of PROBES indexes to calibrate (0, the empty probe, always)")
     args = p.parse_args()
     for f in (PROBE_WASM, bench.EMPTY_WASM, Path(conftest.FILTER_WASM)):
         if not f.exists():
