@@ -19,7 +19,7 @@ export FILTER_WASM := $(WASM)
 TRAP_WASM     := $(CURDIR)/target/test-trap/$(WASM_TARGET)/release/rocketchat_ratelimit_wasm.wasm
 export TEST_TRAP_WASM := $(TRAP_WASM)
 
-.PHONY: help tools target venv wrk build build-test-trap run test unit lint e2e clean
+.PHONY: help tools target venv wrk build build-test-trap run test unit lint e2e clean cargo-fuzz fuzz fuzz-smoke soak
 
 help:
 	@echo "make run    build the filter and start Envoy with it in front of Rocket.Chat (or a demo upstream)"
@@ -73,7 +73,37 @@ build-test-trap: target
 e2e: tools build build-test-trap wrk shipping-tools
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-test: tools lint unit e2e
+test: tools lint unit e2e fuzz-smoke
+
+# --- hardening (issue 6) ----------------------------------------------------------------------
+
+FUZZ_TARGETS := config_parse route_match callout_answers counter_set
+FUZZ_SECONDS ?= 150
+SOAK_SECONDS ?= 600
+# cargo fuzz passes nightly-only flags (sanitizer coverage); this machine has a stable
+# toolchain only, and RUSTC_BOOTSTRAP=1 lets it accept them for the fuzz build alone.
+FUZZ := RUSTC_BOOTSTRAP=1 cargo fuzz
+
+cargo-fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+# Runs every target for FUZZ_SECONDS on the seed corpus (kept in fuzz/corpus/) plus what it
+# learns (target/fuzz-corpus/, not committed), and prints the executions of each.
+fuzz: cargo-fuzz
+	@set -e; total=0; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  $(FUZZ) run --fuzz-dir fuzz -O $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 > target/fuzz-$$t.log 2>&1 \
+	    || { tail -30 target/fuzz-$$t.log; exit 1; }; \
+	  runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' target/fuzz-$$t.log); \
+	  echo "fuzz $$t: $$runs executions, no crash"; total=$$((total + runs)); \
+	done; echo "fuzz: $$total executions in all"
+
+fuzz-smoke:
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=5
+
+soak: tools build
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s tests/test_soak.py
 
 clean:
 	cargo clean
