@@ -54,8 +54,8 @@ pub fn user_table_ready_key() -> String {
 /// What a user-cache slot says about one caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheState {
-    /// The caller's roles, still fresh.
-    Roles(Vec<String>),
+    /// The caller's roles, fresh until `expires_ms`.
+    Roles { roles: Vec<String>, expires_ms: u64 },
     /// A lookup for this caller is under way (until the deadline).
     Pending,
     /// Nothing usable: look it up.
@@ -73,13 +73,14 @@ pub fn read_slot(bytes: &[u8], fingerprint: u64, now_ms: u64) -> CacheState {
         PENDING => CacheState::Pending,
         RESOLVED => {
             let roles = bytes.get(HEADER_BYTES..).unwrap_or(&[]);
-            CacheState::Roles(
-                roles
+            CacheState::Roles {
+                roles: roles
                     .split(|b| *b == b'\n')
                     .filter(|r| !r.is_empty())
                     .map(|r| String::from_utf8_lossy(r).into_owned())
                     .collect(),
-            )
+                expires_ms: until,
+            }
         }
         _ => CacheState::Miss,
     }
@@ -341,12 +342,18 @@ mod tests {
         let r = resolved_slot(fp, 100, &s(&["bot", "", "a\nb", "user"]));
         assert_eq!(
             read_slot(&r, fp, 99),
-            CacheState::Roles(s(&["bot", "user"]))
+            CacheState::Roles {
+                roles: s(&["bot", "user"]),
+                expires_ms: 100
+            }
         );
         assert_eq!(read_slot(&r, fp, 100), CacheState::Miss);
         assert_eq!(
             read_slot(&resolved_slot(fp, 100, &[]), fp, 1),
-            CacheState::Roles(vec![])
+            CacheState::Roles {
+                roles: vec![],
+                expires_ms: 100
+            }
         );
     }
 

@@ -121,6 +121,30 @@ struct BypassRuntime {
     parked: RefCell<BTreeMap<u32, Parked>>,
     /// Headers for parked requests that were let through, read in their response phase.
     parked_headers: RefCell<BTreeMap<u32, RateLimitHeaders>>,
+    /// This VM's copy of answers it has seen (user fingerprint → expiry, roles), so a repeat
+    /// caller costs no shared-data read. Same expiry as the shared entry; roles (not the
+    /// verdict) are kept so a change of the bypass roles applies at once.
+    local: RefCell<BTreeMap<u64, (u64, Vec<String>)>>,
+}
+
+/// Entries of the per-VM answer copy; when full it starts over (the shared cache still holds
+/// every answer).
+const LOCAL_ANSWERS: usize = 4096;
+
+impl BypassRuntime {
+    fn local_roles(&self, user_fp: u64, now_ms: u64) -> Option<bool> {
+        let local = self.local.borrow();
+        let (expires_ms, roles) = local.get(&user_fp)?;
+        (*expires_ms > now_ms).then(|| bypass::is_bypass(roles, &self.roles.borrow()))
+    }
+
+    fn remember(&self, user_fp: u64, expires_ms: u64, roles: Vec<String>) {
+        let mut local = self.local.borrow_mut();
+        if local.len() >= LOCAL_ANSWERS {
+            local.clear();
+        }
+        local.insert(user_fp, (expires_ms, roles));
+    }
 }
 
 /// Everything a configured plugin shares with its HTTP contexts (one per VM, single-threaded).
@@ -287,10 +311,13 @@ impl Active {
                 _ => CacheState::Miss,
             };
             match state {
-                CacheState::Roles(roles) => finished.push((
-                    *user_fp,
-                    Some(bypass::is_bypass(&roles, &rt.roles.borrow())),
-                )),
+                CacheState::Roles { roles, expires_ms } => {
+                    finished.push((
+                        *user_fp,
+                        Some(bypass::is_bypass(&roles, &rt.roles.borrow())),
+                    ));
+                    rt.remember(*user_fp, expires_ms, roles);
+                }
                 CacheState::Pending if now_ms < lookup.deadline_ms => {}
                 // The other worker's lookup failed (it cleared the slot) or was lost.
                 _ => finished.push((*user_fp, None)),
@@ -453,6 +480,7 @@ impl RootContext for Root {
                 Some(BypassRuntime {
                     config: b.clone(),
                     roles: RefCell::new(b.roles.clone()),
+                    local: RefCell::new(BTreeMap::new()),
                     lookups: RefCell::new(BTreeMap::new()),
                     parked: RefCell::new(BTreeMap::new()),
                     parked_headers: RefCell::new(BTreeMap::new()),
@@ -595,6 +623,17 @@ impl Http {
         let user_id = credential("x-user-id")?;
         let token = credential("x-auth-token")?;
         let user_fp = bypass::user_fingerprint(active.seed, user_id.as_bytes(), token.as_bytes());
+        let verdict = |is_bypass: bool| {
+            if is_bypass {
+                active.metrics.inc(Counter::Bypassed);
+                Some(Action::Continue)
+            } else {
+                None
+            }
+        };
+        if let Some(is_bypass) = rt.local_roles(user_fp, now_ms) {
+            return verdict(is_bypass);
+        }
         let key = bypass::user_slot_key(bypass::user_slot(user_fp));
         let parked = Parked {
             limit: countable.limit,
@@ -609,12 +648,10 @@ impl Http {
                 _ => return None, // no cache: count as usual
             };
             match bypass::read_slot(&buf, user_fp, now_ms) {
-                CacheState::Roles(roles) => {
-                    if bypass::is_bypass(&roles, &rt.roles.borrow()) {
-                        active.metrics.inc(Counter::Bypassed);
-                        return Some(Action::Continue);
-                    }
-                    return None;
+                CacheState::Roles { roles, expires_ms } => {
+                    let is_bypass = bypass::is_bypass(&roles, &rt.roles.borrow());
+                    rt.remember(user_fp, expires_ms, roles);
+                    return verdict(is_bypass);
                 }
                 CacheState::Pending => {
                     // Someone (here or on another worker) is asking: wait for that answer.
@@ -743,7 +780,9 @@ impl Context for Http {
                     MeAnswer::Roles(r) => r.as_slice(),
                     _ => &[],
                 };
-                let value = bypass::resolved_slot(user_fp, now_ms + rt.config.cache_ttl_ms, roles);
+                let expires_ms = now_ms + rt.config.cache_ttl_ms;
+                let value = bypass::resolved_slot(user_fp, expires_ms, roles);
+                rt.remember(user_fp, expires_ms, roles.to_vec());
                 let mut buf = Vec::new();
                 for _ in 0..4 {
                     let Ok(Some(cas)) = HostSharedData.get(&key, &mut buf) else {
