@@ -534,23 +534,16 @@ impl RootContext for Root {
         if HostSharedData.set(&key, &shared.encode(), cas).is_err() {
             return; // another VM took the lease
         }
-        let headers = vec![
-            (":method", "GET"),
-            (":path", rt.config.permissions_path.as_str()),
-            (":authority", rt.config.authority.as_str()),
-            ("accept", "application/json"),
-            ("x-user-id", id.as_str()),
-            ("x-auth-token", token.as_str()),
-        ];
-        match self.dispatch_http_call(
-            &rt.config.cluster,
-            headers,
+        match rocketchat_get(
+            self,
+            &rt.config,
+            &rt.config.permissions_path,
+            id,
+            token,
             None,
-            vec![],
-            Duration::from_millis(rt.config.timeout_ms),
         ) {
-            Ok(call) => self.permissions_call = Some(call),
-            Err(_) => {
+            Some(call) => self.permissions_call = Some(call),
+            None => {
                 active.metrics.inc(Counter::CalloutFailures);
                 active.warn_rate_limited(
                     now_ms,
@@ -671,29 +664,21 @@ impl Http {
                     }
                     let ip = host::property(SOURCE_ADDRESS).unwrap_or_default();
                     let ip = String::from_utf8_lossy(client_ip(&ip)).into_owned();
-                    let headers = vec![
-                        (":method", "GET"),
-                        (":path", rt.config.me_path.as_str()),
-                        (":authority", rt.config.authority.as_str()),
-                        ("accept", "application/json"),
-                        ("x-user-id", user_id.as_str()),
-                        ("x-auth-token", token.as_str()),
-                        ("x-real-ip", ip.as_str()),
-                        ("x-forwarded-for", ip.as_str()),
-                    ];
-                    match self.dispatch_http_call(
-                        &rt.config.cluster,
-                        headers,
-                        None,
-                        vec![],
-                        Duration::from_millis(rt.config.timeout_ms),
-                    ) {
-                        Ok(_) => {
+                    let call = rocketchat_get(
+                        self,
+                        &rt.config,
+                        &rt.config.me_path,
+                        &user_id,
+                        &token,
+                        Some(&ip),
+                    );
+                    match call {
+                        Some(_) => {
                             self.lookup = Some((user_fp, user_id.into_bytes()));
                             self.park(rt, user_fp, parked, deadline_ms, true);
                             return Some(Action::Pause);
                         }
-                        Err(_) => {
+                        None => {
                             clear_pending(&key, user_fp);
                             active.metrics.inc(Counter::CalloutFailures);
                             active.warn_rate_limited(
@@ -730,6 +715,40 @@ impl Http {
         }
         lookup.waiters.push(self.context_id);
     }
+}
+
+/// `GET path` on the bypass cluster with these credentials, and for a caller's own lookup its
+/// client IP (so a Rocket.Chat whose limiter is on counts the lookup against that client).
+/// The callout's token, or `None` if Envoy refused it (e.g. no such cluster).
+fn rocketchat_get<C: Context + ?Sized>(
+    context: &C,
+    bypass: &BypassConfig,
+    path: &str,
+    user_id: &str,
+    token: &str,
+    client_ip: Option<&str>,
+) -> Option<u32> {
+    let mut headers = vec![
+        (":method", "GET"),
+        (":path", path),
+        (":authority", bypass.authority.as_str()),
+        ("accept", "application/json"),
+        ("x-user-id", user_id),
+        ("x-auth-token", token),
+    ];
+    if let Some(ip) = client_ip {
+        headers.push(("x-real-ip", ip));
+        headers.push(("x-forwarded-for", ip));
+    }
+    context
+        .dispatch_http_call(
+            &bypass.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(bypass.timeout_ms),
+        )
+        .ok()
 }
 
 /// Removes our pending marker after a failed lookup, so the next request asks again.
