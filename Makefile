@@ -73,7 +73,7 @@ build-test-trap: target
 e2e: tools build build-test-trap wrk shipping-tools
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-test: tools lint unit e2e fuzz-smoke
+test: tools lint unit fuzz-smoke e2e
 
 # --- hardening (issue 6) ----------------------------------------------------------------------
 
