@@ -18,6 +18,7 @@ use crate::client::client_ip;
 use crate::config::{self, BypassConfig, Config, Limit};
 use crate::decision::{self, Countable, Events};
 use crate::fingerprint::Seed;
+use crate::headers;
 use crate::host::{self, HostSharedData};
 use crate::metrics::{Counter, COUNTER_NAMES, GAUGE_TRACKED_CLIENTS};
 use crate::response::{too_many_requests_body, wait_seconds, Decimal};
@@ -576,19 +577,15 @@ struct Http {
 }
 
 /// A header value that may be sent on in a callout: present, non-empty, UTF-8.
-fn credential(name: &str) -> Option<String> {
-    let v = host::header(host::MAP_REQUEST_HEADERS, name)?;
-    if v.is_empty() {
-        return None;
-    }
-    String::from_utf8(v).ok()
+fn credential(value: Option<&[u8]>) -> Option<&str> {
+    value
+        .filter(|v| !v.is_empty())
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 impl Http {
-    fn classify<'a>(&self, active: &'a Active) -> Option<Countable<'a>> {
-        let method = host::header(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
-        let path = host::header(host::MAP_REQUEST_HEADERS, ":path")?;
-        decision::classify(&active.config, active.seed, &method, &path, || {
+    fn classify<'a>(active: &'a Active, method: &[u8], path: &[u8]) -> Option<Countable<'a>> {
+        decision::classify(&active.config, active.seed, method, path, || {
             host::property(SOURCE_ADDRESS)
         })
     }
@@ -609,12 +606,12 @@ impl Http {
         &mut self,
         active: &Active,
         countable: &Countable<'_>,
+        credentials: Option<(&str, &str)>,
         now_ms: u64,
     ) -> Option<Action> {
         let rt = active.bypass.as_ref()?;
         // Only a request carrying both credentials can bypass (§5.1); others: no callout.
-        let user_id = credential("x-user-id")?;
-        let token = credential("x-auth-token")?;
+        let (user_id, token) = credentials?;
         let user_fp = bypass::user_fingerprint(active.seed, user_id.as_bytes(), token.as_bytes());
         let verdict = |is_bypass: bool| {
             if is_bypass {
@@ -668,13 +665,13 @@ impl Http {
                         self,
                         &rt.config,
                         &rt.config.me_path,
-                        &user_id,
-                        &token,
+                        user_id,
+                        token,
                         Some(&ip),
                     );
                     match call {
                         Some(_) => {
-                            self.lookup = Some((user_fp, user_id.into_bytes()));
+                            self.lookup = Some((user_fp, user_id.as_bytes().to_vec()));
                             self.park(rt, user_fp, parked, deadline_ms, true);
                             return Some(Action::Pause);
                         }
@@ -837,14 +834,32 @@ impl HttpContext for Http {
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
-        let Some(countable) = self.classify(&active) else {
+        if active.bypass.is_some() {
+            // Four headers are needed: one host call for the whole map beats four.
+            let map = host::header_pairs(host::MAP_REQUEST_HEADERS);
+            let [method, path, user_id, token] =
+                headers::find(&map, [":method", ":path", "x-user-id", "x-auth-token"]);
+            let countable =
+                path.and_then(|p| Self::classify(&active, method.unwrap_or_default(), p));
+            let Some(countable) = countable else {
+                active.metrics.inc(Counter::NotLimited);
+                return Action::Continue;
+            };
+            let now_ms = host::now_ms();
+            let credentials = credential(user_id).zip(credential(token));
+            if let Some(action) = self.bypass_step(&active, &countable, credentials, now_ms) {
+                return action;
+            }
+            let outcome = active.count_and_apply(&countable, now_ms);
+            return self.apply(outcome);
+        }
+        let method = host::header(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
+        let path = host::header(host::MAP_REQUEST_HEADERS, ":path");
+        let Some(countable) = path.and_then(|p| Self::classify(&active, &method, &p)) else {
             active.metrics.inc(Counter::NotLimited);
             return Action::Continue;
         };
         let now_ms = host::now_ms();
-        if let Some(action) = self.bypass_step(&active, &countable, now_ms) {
-            return action;
-        }
         let outcome = active.count_and_apply(&countable, now_ms);
         self.apply(outcome)
     }

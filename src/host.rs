@@ -34,6 +34,11 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
     fn proxy_get_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -171,6 +176,22 @@ pub fn header(map_type: u32, name: &str) -> Option<Vec<u8>> {
             proxy_get_header_map_value(map_type, name.as_ptr(), name.len(), &mut data, &mut size);
         let bytes = take(data, size);
         (status == OK).then_some(bytes)
+    }
+}
+
+/// The whole header map, serialized (see `headers::find`); empty on any error.
+pub fn header_pairs(map_type: u32) -> Vec<u8> {
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: out-pointers to locals; the host allocates the result.
+    unsafe {
+        let status = proxy_get_header_map_pairs(map_type, &mut data, &mut size);
+        let bytes = take(data, size);
+        if status == OK {
+            bytes
+        } else {
+            Vec::new()
+        }
     }
 }
 

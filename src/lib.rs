@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod decision;
 pub mod fingerprint;
+pub mod headers;
 pub mod limiter;
 pub mod metrics;
 pub mod response;

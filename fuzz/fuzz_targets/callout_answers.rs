@@ -1,5 +1,5 @@
-//! Any callout answer (status, body) and any cached slot bytes: never a panic, and a `me`
-//! answer only yields roles for a 200 naming the caller.
+//! Any callout answer (status, body), any cached slot bytes and any serialized header map:
+//! never a panic, and a `me` answer only yields roles for a 200 naming the caller.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use rocketchat_ratelimit_wasm::bypass::{self, MeAnswer, SharedRoles};
@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = bypass::parse_permissions(status, body, "api-bypass-rate-limit");
     let _ = bypass::read_slot(body, 42, 1000);
     let _ = bypass::may_store_answer(body, 42, 1000);
+    let _ = rocketchat_ratelimit_wasm::headers::find(body, [":method", ":path", "x-user-id", "x-auth-token"]);
     let shared = SharedRoles::decode(body);
     let _ = SharedRoles::decode(&shared.encode());
 });
