@@ -374,3 +374,10 @@ def test_gateway_headers_replace_those_of_a_rocketchat_with_its_own_limiter(envo
     values = [(k, v) for k, v in r.header_list if k.startswith("x-ratelimit")]
     assert sorted(k for k, _ in values) == ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"]
     assert r.headers["x-ratelimit-limit"] == "3" and r.headers["x-ratelimit-remaining"] == "2"
+
+
+@pytest.mark.parametrize("name", ["", "some_other_name"], ids=["empty", "other"])
+def test_any_root_id_vm_id_and_plugin_name_select_the_filter(envoy_factory, name):
+    from conftest import wasm_filter
+    envoy = envoy_factory(http_filters=[wasm_filter({"default": {"numRequestsAllowed": 1}}, name=name)]).start()
+    assert [envoy.request("GET", "/api/v1/any.name").status for _ in range(2)] == [200, 429]
