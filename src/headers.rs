@@ -1,4 +1,5 @@
-//! Reading several request headers out of one serialized header map (the proxy-wasm
+//! The proxy-wasm serialized header map: writing one (local replies) and reading several
+//! request headers out of one (the proxy-wasm
 //! `get_header_map_pairs` format), in place: one host call instead of one per header, which
 //! matters because every host call crosses into V8 and copies.
 //!
@@ -40,6 +41,28 @@ pub fn find<'a, const N: usize>(serialized: &'a [u8], names: [&str; N]) -> [Opti
     found
 }
 
+/// Serialises headers the way the ABI wants them: count, (name len, value len)*, then each
+/// name and value NUL-terminated.
+pub fn serialize<V: AsRef<[u8]>>(headers: &[(&str, V)]) -> Vec<u8> {
+    let mut size = 4;
+    for (k, v) in headers {
+        size += 10 + k.len() + v.as_ref().len();
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (k, v) in headers {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
+    }
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_ref());
+        out.push(0);
+    }
+    out
+}
+
 fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
     let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
     Some(u32::from_le_bytes(b))
@@ -50,24 +73,9 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
 mod tests {
     use super::*;
 
-    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend_from_slice(k.as_bytes());
-            out.push(0);
-            out.extend_from_slice(v);
-            out.push(0);
-        }
-        out
-    }
-
     #[test]
     fn finds_values_in_place() {
-        let map = serialize(&[
+        let map = serialize::<&[u8]>(&[
             (":method", b"GET"),
             (":path", b"/api/v1/x"),
             ("x-user-id", b""),
@@ -87,7 +95,7 @@ mod tests {
 
     #[test]
     fn malformed_maps_are_absent_not_a_panic() {
-        let map = serialize(&[(":method", b"GET"), (":path", b"/x")]);
+        let map = serialize::<&[u8]>(&[(":method", b"GET"), (":path", b"/x")]);
         for cut in 0..map.len() {
             let _ = find(&map[..cut], [":method", ":path"]);
         }

@@ -222,28 +222,6 @@ pub fn property(path: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Serialises headers the way the ABI wants them: count, (key len, value len)*, then each key
-/// and value NUL-terminated.
-pub fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut size = 4;
-    for (k, v) in headers {
-        size += 10 + k.len() + v.len();
-    }
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-    for (k, v) in headers {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in headers {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
-}
-
 /// Sends a local reply; `false` if the host refused.
 pub fn send_local_response(
     status: u32,
@@ -251,7 +229,7 @@ pub fn send_local_response(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> bool {
-    let headers = serialize_headers(headers);
+    let headers = crate::headers::serialize(headers);
     // SAFETY: pointers and lengths of live buffers.
     unsafe {
         proxy_send_local_response(

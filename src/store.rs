@@ -8,6 +8,7 @@
 
 use crate::config::Limit;
 use crate::limiter::{self, Set, Verdict};
+use crate::response::Decimal;
 
 /// Errors a store reports. Everything the host can answer maps to one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,27 +62,9 @@ pub struct CountResult {
 pub fn set_key(out: &mut String, sets: u32, index: u32) {
     out.clear();
     out.push_str("rlrc1:");
-    push_u32(out, sets);
+    out.push_str(Decimal::new(u64::from(sets)).as_str());
     out.push(':');
-    push_u32(out, index);
-}
-
-fn push_u32(out: &mut String, mut n: u32) {
-    let mut digits = [0u8; 10];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        if let Some(d) = digits.get_mut(i) {
-            *d = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-        if n == 0 || i == 0 {
-            break;
-        }
-    }
-    for d in digits.get(i..).unwrap_or(&[]) {
-        out.push(char::from(*d));
-    }
+    out.push_str(Decimal::new(u64::from(index)).as_str());
 }
 
 /// Key that says table `sets` has been fully created.
