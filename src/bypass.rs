@@ -12,9 +12,8 @@
 
 use core::hash::{Hasher, SipHasher};
 
-use serde::Deserialize;
-
 use crate::fingerprint::Seed;
+use crate::json::{self, Value};
 
 /// Slots of the user cache. Each costs Envoy ~150 bytes plus the value (roles).
 pub const USER_CACHE_SLOTS: u32 = 16_384;
@@ -148,12 +147,52 @@ pub enum MeAnswer {
     Failure,
 }
 
-#[derive(Deserialize)]
-struct MeBody {
-    #[serde(rename = "_id")]
-    id: Option<String>,
-    roles: Option<Vec<serde_json::Value>>,
-    success: Option<bool>,
+/// The members of an answer object, or `None` if the answer is not a JSON object. A repeated
+/// member makes the answer unusable: two `_id`s or two role lists cannot both be believed.
+fn answer_members<'v, 'a>(value: &'v Value<'a>) -> Option<&'v [(String, Value<'a>)]> {
+    let Value::Object(members) = value else {
+        return None;
+    };
+    for (i, (name, _)) in members.iter().enumerate() {
+        if members.iter().skip(i + 1).any(|(other, _)| other == name) {
+            return None;
+        }
+    }
+    Some(members)
+}
+
+fn member<'v, 'a>(members: &'v [(String, Value<'a>)], name: &str) -> Option<&'v Value<'a>> {
+    members
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+        .filter(|v| !matches!(v, Value::Null))
+}
+
+/// `success: false` marks an answer as unusable; `success` of another type is malformed.
+fn failed(members: &[(String, Value)]) -> Option<bool> {
+    match member(members, "success") {
+        None | Some(Value::Bool(true)) => Some(false),
+        Some(Value::Bool(false)) => Some(true),
+        Some(_) => None,
+    }
+}
+
+/// A role list: string entries kept (those `keep` accepts), others skipped; `None` if `value`
+/// is not a list. Absent means no roles.
+fn role_list(value: Option<&Value>, keep: impl Fn(&str) -> bool) -> Option<Vec<String>> {
+    match value {
+        None => Some(Vec::new()),
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|r| keep(r))
+                .map(str::to_string)
+                .collect(),
+        ),
+        Some(_) => None,
+    }
 }
 
 /// Interprets a `me` answer. `status` is `None` when Envoy gave no answer (timeout, reset).
@@ -163,40 +202,24 @@ pub fn parse_me(status: Option<u16>, body: &[u8], user_id: &[u8]) -> MeAnswer {
         Some(401) | Some(403) => return MeAnswer::NotAuthenticated,
         _ => return MeAnswer::Failure,
     }
-    let Ok(me) = serde_json::from_slice::<MeBody>(body) else {
+    let Ok(document) = json::parse(body) else {
         return MeAnswer::Failure;
     };
-    if me.success == Some(false) {
+    let Some(members) = answer_members(&document) else {
         return MeAnswer::Failure;
+    };
+    match failed(members) {
+        Some(false) => {}
+        _ => return MeAnswer::Failure,
     }
-    match me.id {
-        Some(id) if id.as_bytes() == user_id => {}
-        Some(_) => return MeAnswer::NotAuthenticated,
-        None => return MeAnswer::Failure,
+    let Some(roles) = role_list(member(members, "roles"), |_| true) else {
+        return MeAnswer::Failure;
+    };
+    match member(members, "_id") {
+        Some(Value::String(id)) if id.as_bytes() == user_id => MeAnswer::Roles(roles),
+        Some(Value::String(_)) => MeAnswer::NotAuthenticated,
+        _ => MeAnswer::Failure,
     }
-    let roles = me
-        .roles
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|r| match r {
-            serde_json::Value::String(s) => Some(s),
-            _ => None,
-        })
-        .collect();
-    MeAnswer::Roles(roles)
-}
-
-#[derive(Deserialize)]
-struct PermissionsBody {
-    update: Option<Vec<PermissionEntry>>,
-    success: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct PermissionEntry {
-    #[serde(rename = "_id")]
-    id: Option<String>,
-    roles: Option<Vec<serde_json::Value>>,
 }
 
 /// The roles holding `permission`, from a `permissions.listAll` answer (SPEC §5.2); `None` if
@@ -209,25 +232,32 @@ pub fn parse_permissions(
     if status != Some(200) {
         return None;
     }
-    let parsed: PermissionsBody = serde_json::from_slice(body).ok()?;
-    if parsed.success == Some(false) {
+    let document = json::parse(body).ok()?;
+    let members = answer_members(&document)?;
+    if failed(members)? {
         return None;
     }
-    let entry = parsed
-        .update?
-        .into_iter()
-        .find(|e| e.id.as_deref() == Some(permission))?;
-    Some(
-        entry
-            .roles
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|r| match r {
-                serde_json::Value::String(s) if !s.is_empty() && !s.contains('\n') => Some(s),
-                _ => None,
-            })
-            .collect(),
-    )
+    let Value::Array(entries) = member(members, "update")? else {
+        return None;
+    };
+    // Every entry must be well-formed, as before: one malformed entry makes the answer unusable
+    // rather than half-read.
+    let mut found = None;
+    for entry in entries {
+        let fields = answer_members(entry)?;
+        let id = match member(fields, "_id") {
+            None => None,
+            Some(Value::String(id)) => Some(id.as_str()),
+            Some(_) => return None,
+        };
+        let roles = role_list(member(fields, "roles"), |r| {
+            !r.is_empty() && !r.contains('\n')
+        })?;
+        if found.is_none() && id == Some(permission) {
+            found = Some(roles);
+        }
+    }
+    found
 }
 
 /// SPEC §5.4: bypass = the user's roles intersect the bypass roles.

@@ -1,6 +1,6 @@
 //! Plugin configuration (SPEC §2), parsed in two steps:
-//! 1. serde checks the *shape* (types, unknown fields) and, through `serde_path_to_error`,
-//!    names the exact field that is wrong;
+//! 1. the *shape* (JSON syntax, types, unknown or repeated fields), read with `json` in
+//!    document order so the first mistake is reported with its exact field path;
 //! 2. `compile` checks the *meaning* (positive numbers, paths, duplicates) and builds the
 //!    immutable tables the request path uses.
 //!
@@ -9,9 +9,7 @@
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
-
+use crate::json::{self, Value};
 use crate::route::{RouteTable, RouteTableBuilder};
 
 /// Longest window the filter accepts: one day, as SPEC §2 says.
@@ -51,76 +49,46 @@ impl fmt::Display for ConfigError {
 // ---------------------------------------------------------------------------------------------
 // Step 1: shape.
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
+/// A number as written in the configuration (its JSON text); step 2 judges its value.
+type Number<'a> = &'a str;
+
+#[derive(Debug, Default)]
+struct RawConfig<'a> {
     enabled: Option<bool>,
     development: Option<bool>,
     enabled_in_development: Option<bool>,
     api_prefix: Option<String>,
-    default: Option<RawLimit>,
+    default: Option<RawLimit<'a>>,
     preset: Option<String>,
-    routes: Option<Vec<RawRoute>>,
+    routes: Option<Vec<RawRoute<'a>>>,
     dry_run: Option<bool>,
     retry_after: Option<bool>,
-    max_tracked_clients: Option<serde_json::Number>,
-    bypass: Option<RawBypass>,
+    max_tracked_clients: Option<Number<'a>>,
+    bypass: Option<RawBypass<'a>>,
 }
 
-#[derive(Debug, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-struct RawLimit {
-    #[serde(rename = "numRequestsAllowed")]
-    num_requests_allowed: Option<serde_json::Number>,
-    #[serde(rename = "intervalTimeInMS")]
-    interval_time_in_ms: Option<serde_json::Number>,
+#[derive(Debug, Clone, Default)]
+struct RawLimit<'a> {
+    num_requests_allowed: Option<Number<'a>>,
+    interval_time_in_ms: Option<Number<'a>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRoute {
+#[derive(Debug, Default)]
+struct RawRoute<'a> {
     path: Option<String>,
     method: Option<String>,
-    #[serde(rename = "rateLimiterOptions")]
-    rate_limiter_options: Option<RawRouteOptions>,
+    rate_limiter_options: Option<RawRouteOptions<'a>>,
 }
 
 /// `rateLimiterOptions`: an object, or `false` for "never limited" (as in Rocket.Chat).
 #[derive(Debug)]
-enum RawRouteOptions {
-    Limit(RawLimit),
+enum RawRouteOptions<'a> {
+    Limit(RawLimit<'a>),
     Disabled,
 }
 
-impl<'de> Deserialize<'de> for RawRouteOptions {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct OptionsVisitor;
-        impl<'de> Visitor<'de> for OptionsVisitor {
-            type Value = RawRouteOptions;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object or false")
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
-                if v {
-                    Err(E::invalid_value(de::Unexpected::Bool(true), &self))
-                } else {
-                    Ok(RawRouteOptions::Disabled)
-                }
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                // Going through MapAccessDeserializer keeps serde_path_to_error's tracking, so
-                // errors inside the object still name their field.
-                RawLimit::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawRouteOptions::Limit)
-            }
-        }
-        deserializer.deserialize_any(OptionsVisitor)
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBypass {
+#[derive(Debug, Default)]
+struct RawBypass<'a> {
     cluster: Option<String>,
     authority: Option<String>,
     permission: Option<String>,
@@ -129,9 +97,251 @@ struct RawBypass {
     permissions_path: Option<String>,
     service_user_id: Option<String>,
     service_auth_token: Option<String>,
-    timeout_ms: Option<serde_json::Number>,
-    cache_ttl_ms: Option<serde_json::Number>,
-    refresh_interval_ms: Option<serde_json::Number>,
+    timeout_ms: Option<Number<'a>>,
+    cache_ttl_ms: Option<Number<'a>>,
+    refresh_interval_ms: Option<Number<'a>>,
+}
+
+const CONFIG_FIELDS: &[&str] = &[
+    "enabled",
+    "development",
+    "enabled_in_development",
+    "api_prefix",
+    "default",
+    "preset",
+    "routes",
+    "dry_run",
+    "retry_after",
+    "max_tracked_clients",
+    "bypass",
+];
+const LIMIT_FIELDS: &[&str] = &["numRequestsAllowed", "intervalTimeInMS"];
+const ROUTE_FIELDS: &[&str] = &["path", "method", "rateLimiterOptions"];
+const BYPASS_FIELDS: &[&str] = &[
+    "cluster",
+    "authority",
+    "permission",
+    "roles",
+    "me_path",
+    "permissions_path",
+    "service_user_id",
+    "service_auth_token",
+    "timeout_ms",
+    "cache_ttl_ms",
+    "refresh_interval_ms",
+];
+
+/// `parent.name`, or `name` at the top.
+fn member_path(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}.{name}")
+    }
+}
+
+fn invalid_type(path: &str, found: &Value, expected: &str) -> ConfigError {
+    ConfigError::new(
+        path,
+        format!("invalid type: {}, expected {expected}", found.describe()),
+    )
+}
+
+/// Visits the members of the object at `path` in document order, as serde with
+/// `deny_unknown_fields` would: the first unknown or repeated member is the error.
+fn read_object<'v, 'a>(
+    path: &str,
+    value: &'v Value<'a>,
+    fields: &[&str],
+    mut member: impl FnMut(&str, &'v Value<'a>, String) -> Result<(), ConfigError>,
+) -> Result<(), ConfigError> {
+    let Value::Object(members) = value else {
+        return Err(invalid_type(path, value, "an object"));
+    };
+    let mut seen: Vec<&str> = Vec::with_capacity(members.len());
+    for (name, item) in members {
+        let field = member_path(path, name);
+        if !fields.contains(&name.as_str()) {
+            let expected: Vec<String> = fields.iter().map(|f| format!("`{f}`")).collect();
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "unknown field `{name}`, expected one of {}",
+                    expected.join(", ")
+                ),
+            ));
+        }
+        if seen.contains(&name.as_str()) {
+            let parent = if path.is_empty() {
+                "configuration"
+            } else {
+                path
+            };
+            return Err(ConfigError::new(
+                parent,
+                format!("duplicate field `{name}`"),
+            ));
+        }
+        seen.push(name);
+        member(name, item, field)?;
+    }
+    Ok(())
+}
+
+// `null` reads as absent, as it did for serde's `Option` fields.
+
+fn read_bool(path: &str, value: &Value) -> Result<Option<bool>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        other => Err(invalid_type(path, other, "a boolean")),
+    }
+}
+
+fn read_string(path: &str, value: &Value) -> Result<Option<String>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        other => Err(invalid_type(path, other, "a string")),
+    }
+}
+
+fn read_number<'a>(path: &str, value: &Value<'a>) -> Result<Option<Number<'a>>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Number(text) => Ok(Some(text)),
+        other => Err(invalid_type(path, other, "a JSON number")),
+    }
+}
+
+fn read_array<'v, 'a>(
+    path: &str,
+    value: &'v Value<'a>,
+) -> Result<Option<&'v [Value<'a>]>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Array(items) => Ok(Some(items)),
+        other => Err(invalid_type(path, other, "a sequence")),
+    }
+}
+
+fn read_limit<'a>(path: &str, value: &Value<'a>) -> Result<RawLimit<'a>, ConfigError> {
+    let mut limit = RawLimit::default();
+    read_object(path, value, LIMIT_FIELDS, |name, item, field| {
+        let number = read_number(&field, item)?;
+        if name == "numRequestsAllowed" {
+            limit.num_requests_allowed = number;
+        } else {
+            limit.interval_time_in_ms = number;
+        }
+        Ok(())
+    })?;
+    Ok(limit)
+}
+
+fn read_route<'a>(path: &str, value: &Value<'a>) -> Result<RawRoute<'a>, ConfigError> {
+    let mut route = RawRoute::default();
+    read_object(path, value, ROUTE_FIELDS, |name, item, field| {
+        match name {
+            "path" => route.path = read_string(&field, item)?,
+            "method" => route.method = read_string(&field, item)?,
+            _ => {
+                route.rate_limiter_options = match item {
+                    Value::Null => None,
+                    Value::Bool(false) => Some(RawRouteOptions::Disabled),
+                    Value::Bool(true) => {
+                        return Err(ConfigError::new(
+                            field,
+                            "invalid value: boolean `true`, expected an object or false",
+                        ))
+                    }
+                    Value::Object(_) => Some(RawRouteOptions::Limit(read_limit(&field, item)?)),
+                    other => return Err(invalid_type(&field, other, "an object or false")),
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(route)
+}
+
+fn read_bypass<'a>(path: &str, value: &Value<'a>) -> Result<RawBypass<'a>, ConfigError> {
+    let mut bypass = RawBypass::default();
+    read_object(path, value, BYPASS_FIELDS, |name, item, field| {
+        match name {
+            "cluster" => bypass.cluster = read_string(&field, item)?,
+            "authority" => bypass.authority = read_string(&field, item)?,
+            "permission" => bypass.permission = read_string(&field, item)?,
+            "roles" => {
+                bypass.roles = match read_array(&field, item)? {
+                    None => None,
+                    Some(items) => Some(
+                        items
+                            .iter()
+                            .enumerate()
+                            .map(|(i, role)| match role {
+                                Value::String(s) => Ok(s.clone()),
+                                other => {
+                                    Err(invalid_type(&format!("{field}[{i}]"), other, "a string"))
+                                }
+                            })
+                            .collect::<Result<_, _>>()?,
+                    ),
+                }
+            }
+            "me_path" => bypass.me_path = read_string(&field, item)?,
+            "permissions_path" => bypass.permissions_path = read_string(&field, item)?,
+            "service_user_id" => bypass.service_user_id = read_string(&field, item)?,
+            "service_auth_token" => bypass.service_auth_token = read_string(&field, item)?,
+            "timeout_ms" => bypass.timeout_ms = read_number(&field, item)?,
+            "cache_ttl_ms" => bypass.cache_ttl_ms = read_number(&field, item)?,
+            _ => bypass.refresh_interval_ms = read_number(&field, item)?,
+        }
+        Ok(())
+    })?;
+    Ok(bypass)
+}
+
+fn read_config<'a>(value: &Value<'a>) -> Result<RawConfig<'a>, ConfigError> {
+    let mut raw = RawConfig::default();
+    read_object("", value, CONFIG_FIELDS, |name, item, field| {
+        match name {
+            "enabled" => raw.enabled = read_bool(&field, item)?,
+            "development" => raw.development = read_bool(&field, item)?,
+            "enabled_in_development" => raw.enabled_in_development = read_bool(&field, item)?,
+            "api_prefix" => raw.api_prefix = read_string(&field, item)?,
+            "default" => {
+                raw.default = match item {
+                    Value::Null => None,
+                    _ => Some(read_limit(&field, item)?),
+                }
+            }
+            "preset" => raw.preset = read_string(&field, item)?,
+            "routes" => {
+                raw.routes = match read_array(&field, item)? {
+                    None => None,
+                    Some(items) => Some(
+                        items
+                            .iter()
+                            .enumerate()
+                            .map(|(i, route)| read_route(&format!("{field}[{i}]"), route))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                }
+            }
+            "dry_run" => raw.dry_run = read_bool(&field, item)?,
+            "retry_after" => raw.retry_after = read_bool(&field, item)?,
+            "max_tracked_clients" => raw.max_tracked_clients = read_number(&field, item)?,
+            _ => {
+                raw.bypass = match item {
+                    Value::Null => None,
+                    _ => Some(read_bypass(&field, item)?),
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(raw)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,103 +466,31 @@ pub const ROCKETCHAT_PRESET: &[PresetRow] = &[
 
 /// Parses and compiles a plugin configuration. Empty (or all-white-space) means `{}`.
 pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-    let raw = parse_shape(bytes)?;
-    compile(raw)
-}
-
-fn parse_shape(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(RawConfig::default());
+        return compile(RawConfig::default());
     }
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        // serde would say "invalid length 0, expected struct RawConfig" for `[]`.
-        if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
-            return Err(ConfigError::new("configuration", "must be a JSON object"));
-        }
+    let document = json::parse(bytes)
+        .map_err(|e| ConfigError::new("configuration", format!("not valid JSON ({e})")))?;
+    if !matches!(document, Value::Object(_)) {
+        return Err(ConfigError::new("configuration", "must be a JSON object"));
     }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() {
-            "configuration".to_string()
-        } else {
-            path
-        };
-        ConfigError::new(field, shape_reason(e.inner()))
-    })?;
-    de.end()
-        .map_err(|e| ConfigError::new("configuration", shape_reason(&e)))?;
-    Ok(raw)
+    compile(read_config(&document)?)
 }
 
-/// serde_json's message with the position kept (it helps find the spot) but without echoing
-/// string values, which could be a token.
-fn shape_reason(e: &serde_json::Error) -> String {
-    use serde_json::error::Category;
-    match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            format!(
-                "not valid JSON ({} at line {} column {})",
-                syntax_reason(e),
-                e.line(),
-                e.column()
-            )
-        }
-        Category::Data => {
-            let text = e.to_string();
-            // serde_json appends " at line L column C"; keep the message part.
-            let message = match text.rfind(" at line ") {
-                Some(cut) => text.get(..cut).unwrap_or(&text).to_string(),
-                None => text,
-            };
-            redact_string_values(&message)
-        }
+fn positive(field: &str, value: Number, max: u64, max_text: &str) -> Result<u64, ConfigError> {
+    let too_big = || ConfigError::new(field, format!("must be at most {max_text}"));
+    // Digits only: a sign, a fraction or an exponent is not a positive integer.
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ConfigError::new(field, "must be a positive integer"));
+    }
+    match Value::Number(value).as_u64() {
+        Some(0) => Err(ConfigError::new(field, "must be a positive integer")),
+        Some(n) if n <= max => Ok(n),
+        _ => Err(too_big()),
     }
 }
 
-fn syntax_reason(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" at line ") {
-        Some(cut) => text.get(..cut).unwrap_or(&text).to_string(),
-        None => text,
-    }
-}
-
-/// `invalid type: string "s3cr3t", expected a boolean` → `invalid type: string, expected a boolean`.
-fn redact_string_values(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(start) = rest.find("string \"") {
-        let (head, tail) = rest.split_at(start + "string".len());
-        out.push_str(head);
-        // tail starts with ` "`; skip to the closing quote.
-        let after_quote = tail.get(2..).unwrap_or("");
-        match after_quote.find('"') {
-            Some(end) => rest = after_quote.get(end + 1..).unwrap_or(""),
-            None => rest = "",
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-fn positive(
-    field: &str,
-    value: &serde_json::Number,
-    max: u64,
-    max_text: &str,
-) -> Result<u64, ConfigError> {
-    match value.as_u64() {
-        Some(n) if n > 0 && n <= max => Ok(n),
-        Some(n) if n > max => Err(ConfigError::new(
-            field,
-            format!("must be at most {max_text}"),
-        )),
-        _ => Err(ConfigError::new(field, "must be a positive integer")),
-    }
-}
-
-fn compile_limit(field: &str, raw: &RawLimit, fallback: Limit) -> Result<Limit, ConfigError> {
+fn compile_limit(field: &str, raw: &RawLimit<'_>, fallback: Limit) -> Result<Limit, ConfigError> {
     let requests = match &raw.num_requests_allowed {
         Some(n) => positive(
             &format!("{field}.numRequestsAllowed"),
@@ -390,7 +528,7 @@ fn absolute_path(field: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
     let enabled = raw.enabled.unwrap_or(true);
     let development = raw.development.unwrap_or(false);
     let enabled_in_development = raw.enabled_in_development.unwrap_or(true);
@@ -521,7 +659,7 @@ fn non_empty(field: &str, value: Option<String>, default: &str) -> Result<String
     }
 }
 
-fn compile_bypass(raw: RawBypass) -> Result<BypassConfig, ConfigError> {
+fn compile_bypass(raw: RawBypass<'_>) -> Result<BypassConfig, ConfigError> {
     let cluster = non_empty("bypass.cluster", raw.cluster, "rocketchat")?;
     let authority = non_empty("bypass.authority", raw.authority, "rocketchat")?;
     let permission = non_empty("bypass.permission", raw.permission, "api-bypass-rate-limit")?;
@@ -574,7 +712,7 @@ fn compile_bypass(raw: RawBypass) -> Result<BypassConfig, ConfigError> {
             ))
         }
     };
-    let ms = |field: &str, value: &Option<serde_json::Number>, default: u64| match value {
+    let ms = |field: &str, value: Option<Number>, default: u64| match value {
         Some(n) => positive(field, n, MAX_INTERVAL_MS, "86400000 (one day)"),
         None => Ok(default),
     };
@@ -586,11 +724,11 @@ fn compile_bypass(raw: RawBypass) -> Result<BypassConfig, ConfigError> {
         me_path,
         permissions_path,
         service_account,
-        timeout_ms: ms("bypass.timeout_ms", &raw.timeout_ms, 200)?,
-        cache_ttl_ms: ms("bypass.cache_ttl_ms", &raw.cache_ttl_ms, 60_000)?,
+        timeout_ms: ms("bypass.timeout_ms", raw.timeout_ms, 200)?,
+        cache_ttl_ms: ms("bypass.cache_ttl_ms", raw.cache_ttl_ms, 60_000)?,
         refresh_interval_ms: ms(
             "bypass.refresh_interval_ms",
-            &raw.refresh_interval_ms,
+            raw.refresh_interval_ms,
             60_000,
         )?,
     })

@@ -11,6 +11,7 @@ pub mod config;
 pub mod decision;
 pub mod fingerprint;
 pub mod headers;
+pub mod json;
 pub mod limiter;
 pub mod metrics;
 pub mod response;
