@@ -4,6 +4,7 @@
 //! able to make the filter fail (or escape its bucket) by sending one that is not.
 
 use std::borrow::Cow;
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use crate::config::Limit;
@@ -111,6 +112,15 @@ fn format_limit(limit: Option<Limit>) -> String {
     limit.map(|l| l.requests.to_string()).unwrap_or_default()
 }
 
+/// Precedence of patterns: more literal segments first, then routes before preset, then one
+/// method before any.
+fn pattern_order(a: &Pattern, b: &Pattern) -> Ordering {
+    b.literals
+        .cmp(&a.literals)
+        .then(a.entry.source.cmp(&b.entry.source))
+        .then(a.entry.method.cmp(&b.entry.method))
+}
+
 impl RouteTableBuilder {
     pub fn new(prefix: &str, default: Limit) -> Self {
         RouteTableBuilder {
@@ -195,27 +205,28 @@ impl RouteTableBuilder {
             let entries = self.exact.entry(normalised).or_default();
             // A routes entry replaces the preset entry with the same path and method.
             entries.retain(|e| !(e.method == entry.method && e.source != entry.source));
-            entries.push(entry);
-            entries.sort_by(|a, b| (a.source, &a.method).cmp(&(b.source, &b.method)));
+            // Kept in precedence order by inserting in place (after equals: configuration
+            // order); a sort would add a sort routine's code to the .wasm for a handful of items.
+            let at =
+                entries.partition_point(|e| (e.source, &e.method) <= (entry.source, &entry.method));
+            entries.insert(at, entry);
         } else {
             self.patterns
                 .retain(|p| !(p.segments == segments && p.entry.method == entry.method));
-            self.patterns.push(Pattern {
+            let pattern = Pattern {
                 segments,
                 literals,
                 entry,
-            });
+            };
+            let at = self
+                .patterns
+                .partition_point(|p| pattern_order(p, &pattern) != Ordering::Greater);
+            self.patterns.insert(at, pattern);
         }
         Ok(())
     }
 
-    pub fn build(mut self) -> RouteTable {
-        self.patterns.sort_by(|a, b| {
-            b.literals
-                .cmp(&a.literals)
-                .then(a.entry.source.cmp(&b.entry.source))
-                .then(a.entry.method.cmp(&b.entry.method))
-        });
+    pub fn build(self) -> RouteTable {
         RouteTable {
             prefix: self.prefix.into_bytes(),
             default_rule: RouteRule {
