@@ -47,7 +47,7 @@ import conftest  # noqa: E402  (the test harness: envoy_config, wasm_filter, Env
 LOAD_LUA = ROOT / "bench" / "load.lua"
 EMPTY_WASM = Path(os.environ.get(
     "BENCH_EMPTY_WASM",
-    ROOT / "target" / "bench" / "empty-filter" / "wasm32-wasip1" / "release" / "bench_empty_filter.wasm"))
+    ROOT / "target" / "bench" / "bench_empty_filter.wasm"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # A limit nobody reaches: each of the 20,000 (address, route) buckets sees a few hundred

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = ROOT / "tests" / "support"
 ENVOY_BIN = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
 FILTER_WASM = os.environ.get(
-    "FILTER_WASM", str(ROOT / "target" / "wasm32-wasip1" / "release" / "rocketchat_ratelimit_wasm.wasm")
+    "FILTER_WASM", str(ROOT / "target" / "rocketchat_ratelimit.wasm")
 )
 
 

@@ -9,22 +9,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
-EMPTY_TARGET_DIR = ROOT / "target" / "bench" / "empty-filter"
+EMPTY_WASM = Path(os.environ.get("BENCH_EMPTY_WASM", ROOT / "target" / "bench" / "bench_empty_filter.wasm"))
 
 
 def test_bench_smoke(tmp_path):
-    subprocess.run(
-        ["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1",
-         "--manifest-path", str(ROOT / "bench" / "empty-filter" / "Cargo.toml"),
-         "--target-dir", str(EMPTY_TARGET_DIR)],
-        check=True, timeout=600,
-    )
+    # Built (cargo, then wasm-opt like the filter) by `make bench-empty-filter`, which
+    # `make e2e` runs first.
+    assert EMPTY_WASM.is_file(), f"{EMPTY_WASM} missing: run `make bench-empty-filter`"
     out = tmp_path / "results.json"
-    env = dict(os.environ,
-               BENCH_EMPTY_WASM=str(EMPTY_TARGET_DIR / "wasm32-wasip1" / "release" / "bench_empty_filter.wasm"))
+    env = dict(os.environ, BENCH_EMPTY_WASM=str(EMPTY_WASM))
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench.py"), "--rounds", "1", "--seconds", "1",
          "--warmup", "1", "--cas-seconds", "1", "--out", str(out)],

@@ -39,7 +39,7 @@ ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 COMPOSE_YAML = ROOT / "envoy" / "docker-compose.yaml"
 ISTIO_DIR = ROOT / "envoy" / "istio"
 OCI_TOOL = ROOT / "tests" / "support" / "oci_image.py"
-BUILT_WASM = "target/wasm32-wasip1/release/rocketchat_ratelimit_wasm.wasm"
+BUILT_WASM = "target/rocketchat_ratelimit.wasm"
 WASM_FILTER = "envoy.filters.http.wasm"
 
 

@@ -36,7 +36,7 @@ def local_config(wasm, upstream_host, upstream_port, listen_port, admin_port):
 
 
 def main():
-    wasm = Path(os.environ.get("FILTER_WASM", ROOT / "target/wasm32-wasip1/release/rocketchat_ratelimit_wasm.wasm"))
+    wasm = Path(os.environ.get("FILTER_WASM", ROOT / "target/rocketchat_ratelimit.wasm"))
     envoy = os.environ.get("ENVOY_BIN", str(ROOT / ".venv/bin/envoy"))
     listen_port = int(os.environ.get("ENVOY_PORT", "8080"))
     admin_port = int(os.environ.get("ADMIN_PORT", "9901"))
