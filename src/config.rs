@@ -868,6 +868,56 @@ mod tests {
         assert!(!parse(br#"{"enabled":false}"#).unwrap().limiting);
     }
 
+    /// `null` is an absent field (as serde's `Option` read it), anywhere in the document.
+    #[test]
+    fn null_means_absent() {
+        let c = parse(
+            br#"{"enabled":null,"default":null,"routes":[{"path":"/api/v1/x","method":null,
+                "rateLimiterOptions":{"numRequestsAllowed":null,"intervalTimeInMS":1000}}],
+                "bypass":{"roles":null,"timeout_ms":null}}"#,
+        )
+        .unwrap();
+        assert!(c.limiting);
+        assert_eq!(c.bypass.unwrap().timeout_ms, 200);
+        match c.routes.route(b"DELETE", b"/api/v1/x") {
+            crate::route::Route::Limited { limit, .. } => {
+                assert_eq!(
+                    limit,
+                    Limit {
+                        requests: 10,
+                        interval_ms: 1000
+                    }
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            err(r#"{"routes":[{"path":"/api/v1/x","rateLimiterOptions":null}]}"#),
+            "routes[0].rateLimiterOptions: is required (an object, or false for never limited)"
+        );
+    }
+
+    /// The first mistake in document order is the one reported, as serde reported it.
+    #[test]
+    fn nested_shape_errors_name_their_place() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"default":{"numRequestsAllowed":1,"numRequestsAllowed":2}}"#, "default: duplicate field `numRequestsAllowed`"),
+            (r#"{"bypass":{"roles":["admin",7]}}"#, "bypass.roles[1]: invalid type: integer `7`, expected a string"),
+            (r#"{"bypass":{"cluster":1.5e3}}"#, "bypass.cluster: invalid type: floating point `1.5e3`, expected a string"),
+            (r#"{"routes":[7]}"#, "routes[0]: invalid type: integer `7`, expected an object"),
+            (r#"{"routes":[{"rateLimiterOptions":"x"}]}"#, "routes[0].rateLimiterOptions: invalid type: string, expected an object or false"),
+            (r#"{"default":[]}"#, "default: invalid type: sequence, expected an object"),
+            (r#"{"zzz":1,"enabled":"x"}"#, "zzz: unknown field `zzz`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`"),
+            (r#"{"enabled":"x","zzz":1}"#, "enabled: invalid type: string, expected a boolean"),
+            (r#"{"default":{"numRequestsAllowed":99999999999999999999999}}"#, "default.numRequestsAllowed: must be at most 2147483647"),
+            (r#"{"default":{"numRequestsAllowed":1e3}}"#, "default.numRequestsAllowed: must be a positive integer"),
+            ("{\n\"enabled\": tru }", "configuration: not valid JSON (expected ident at line 2 column 15)"),
+        ];
+        for (json, want) in cases {
+            assert_eq!(&err(json), want, "for {json}");
+        }
+    }
+
     #[test]
     fn max_tracked_clients_rounds_down_to_whole_sets() {
         let c = parse(br#"{"max_tracked_clients":10007}"#).unwrap();
