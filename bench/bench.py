@@ -68,6 +68,7 @@ CONFIGS = {
     "c": "empty proxy-wasm filter",
     "d": "this filter",
     "e": "this filter + bypass (cached)",
+    "f": "(d) from --compare-wasm",
 }
 
 
@@ -102,7 +103,10 @@ def filter_config(bypass):
     return cfg
 
 
-def http_filters(name, filter_wasm):
+def http_filters(name, filter_wasm, compare_wasm=None):
+    if name == "f":
+        # A/B of two builds of the filter, interleaved in one run: same configuration as (d).
+        return [conftest.wasm_filter(filter_config(bypass=False), wasm_path=str(compare_wasm))]
     if name == "a":
         return []
     if name == "b":
@@ -186,7 +190,8 @@ def sanity(envoy, name, user):
     r.read()
     conn.close()
     limit = r.getheader("x-ratelimit-limit")
-    want_limit = {"a": None, "c": None, "b": "1000000000", "d": "1000000000", "e": "1000000000"}[name]
+    want_limit = {"a": None, "c": None, "b": "1000000000", "d": "1000000000", "e": "1000000000",
+                  "f": "1000000000"}[name]
     ok = r.status == 200 and limit == want_limit
     return {"status": r.status, "x-ratelimit-limit": limit, "ok": ok}
 
@@ -255,11 +260,17 @@ def main():
     p.add_argument("--configs", default="abcde")
     p.add_argument("--out", default=str(ROOT / "target" / "bench" / "results.json"))
     p.add_argument("--filter-wasm", default=conftest.FILTER_WASM)
+    p.add_argument("--compare-wasm", help="another build of the filter, run as config (f), e.g."
+                   " --configs cdf --compare-wasm old.wasm: reports f/d and f-d")
     p.add_argument("--envoy-cpu", default="0")
     p.add_argument("--load-cpu", default="1")
     args = p.parse_args()
 
     filter_wasm = Path(args.filter_wasm)
+    if ("f" in args.configs) != bool(args.compare_wasm):
+        sys.exit("config (f) and --compare-wasm go together")
+    if args.compare_wasm and not Path(args.compare_wasm).exists():
+        sys.exit(f"missing {args.compare_wasm}")
     for f, how in ((filter_wasm, "make build"), (EMPTY_WASM, "make bench-empty-filter")):
         if not f.exists():
             sys.exit(f"missing {f}: run `{how}` (make bench does)")
@@ -286,7 +297,8 @@ def main():
     try:
         for name in args.configs:
             e = BenchEnvoy(workdir, upstream_port=upstream.port, concurrency=1, xff_trusted_hops=1,
-                           direct_response=True, http_filters=http_filters(name, filter_wasm),
+                           direct_response=True,
+                           http_filters=http_filters(name, filter_wasm, args.compare_wasm),
                            cpus=args.envoy_cpu)
             envoys[name] = e.start()
         users = {n: (USER if n == "e" else None) for n in args.configs}
@@ -352,6 +364,8 @@ def main():
     pair("d-b cpu us", "d", "b", "cpu_us_per_req", lambda x, y: x - y)
     pair("e-d cpu us", "e", "d", "cpu_us_per_req", lambda x, y: x - y)
     pair("c-a cpu us", "c", "a", "cpu_us_per_req", lambda x, y: x - y)
+    pair("f/d rps", "f", "d", "rps", lambda x, y: x / y)
+    pair("f-d cpu us", "f", "d", "cpu_us_per_req", lambda x, y: x - y)
     ratio_medians = {k: median(v) for k, v in paired.items()}
 
     wasm_bytes = filter_wasm.stat().st_size
