@@ -43,6 +43,9 @@ E_HOST_CALLS = "hdr=:method hdr=:path hdr=x-user-id hdr=x-auth-token prop=source
 # through this ABI: every request header in one call, the client address, the time, one read
 # and one CAS write, three response headers.
 FLOOR_HOST_CALLS = "rawpairs prop=source.address time cas rsp*3"
+# Less than any exact shared counter can do with: no request header read, no response header,
+# just who (the address), when (the time) and the count (one read, one CAS write).
+CORE_HOST_CALLS = "prop=source.address time cas"
 # (name, probe plan, how many calls of the kind measured)
 PROBES = [
     ("empty", "", 0),
@@ -58,6 +61,7 @@ PROBES = [
     ("skeleton of (d): " + D_HOST_CALLS, D_HOST_CALLS, 1),
     ("skeleton of (e): " + E_HOST_CALLS, E_HOST_CALLS, 1),
     ("floor: " + FLOOR_HOST_CALLS, FLOOR_HOST_CALLS, 1),
+    ("core, no headers at all: " + CORE_HOST_CALLS, CORE_HOST_CALLS, 1),
     ("(d) itself, for comparison with its skeleton", None, 1),
 ]
 
