@@ -43,10 +43,15 @@ CALLBACKS = ["context_create", "request_headers", "response_headers", "response_
              "delete"]
 
 
+# Where the replayed paths live; --outside-api moves them out of api_prefix (never limited),
+# like a Rocket.Chat's assets, avatars and realtime API.
+PATH_PREFIX = "/api/v1/"
+
+
 def request_headers(k, user):
     a = k % 1000
     r = (k // 1000 + a) % 20
-    h = [(":authority", "bench"), (":path", f"/api/v1/{ROUTES[r]}"), (":method", "GET"),
+    h = [(":authority", "bench"), (":path", f"{PATH_PREFIX}{ROUTES[r]}"), (":method", "GET"),
          (":scheme", "http"), ("user-agent", "wrk"),
          ("x-forwarded-for", f"10.1.{a // 250}.{a % 250 + 1}"), ("x-forwarded-proto", "http"),
          ("x-request-id", "3bbd9d9c-2f0a-4b3a-9c59-9f5b1c3c2a7e"), ("x-envoy-expected-rq-timeout-ms", "10000")]
@@ -371,8 +376,12 @@ def main():
     p.add_argument("--requests", type=int, default=5000)
     p.add_argument("--warmup", type=int, default=20000, help="the load cycles through 20,000 buckets: fill them all first")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--outside-api", action="store_true", help="paths under /assets/ instead of /api/v1/")
     p.add_argument("--trace", action="store_true", help="print the instructions between boundary events of one request")
     args = p.parse_args()
+    if args.outside_api:
+        global PATH_PREFIX
+        PATH_PREFIX = "/assets/"
     r = profile(args.wasm, args.config, args.user, args.requests, args.warmup)
     if args.json:
         print(json.dumps(r, indent=1))
