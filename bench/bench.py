@@ -235,8 +235,10 @@ def cas_phase(args, workdir, upstream, filter_wasm):
         wrk(e.port, max(1, int(args.warmup)), args.connections, args.load_cpu, None)
         # The benchmark's load, then the worst case: every request on one counter.
         for label, hot in (("spread", False), ("one_bucket", True)):
+            e.wait_for_metrics()  # the filter's counts reach Envoy on its tick
             before = e.stats()
             m = measure(e, args.cas_seconds, args.connections, args.load_cpu, None, hot=hot)
+            e.wait_for_metrics()
             after = e.stats()
             d = stat_delta(before, after, names)
             out[label] = {"rps": m["rps"], "errors": m["errors"], **d,
@@ -322,6 +324,7 @@ def main():
                   + "  ".join(f"{n} {row[n]['rps']:8.0f}/s {fmt(row[n]['cpu_us_per_req'], '5.1f')}µs"
                               for n in row), flush=True)
         upstream_after = upstream.stats()
+        conftest.Envoy.wait_for_metrics()
         if "d" in envoys:
             s = envoys["d"].stats()
             results["d_metrics_concurrency_1"] = {

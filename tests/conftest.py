@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# More than one metrics flush of the filter (METRICS_FLUSH_MS = 100 in src/filter.rs).
+METRICS_FLUSH_WAIT_S = 0.25
+
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = ROOT / "tests" / "support"
 ENVOY_BIN = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
@@ -249,7 +252,18 @@ class Envoy:
         return out
 
     def metric(self, name):
+        self.wait_for_metrics()
         return self.stats()[f"wasmcustom.rocketchat_ratelimit.{name}"]
+
+    def prometheus(self):
+        self.wait_for_metrics()
+        return self.admin("/stats/prometheus")
+
+    @staticmethod
+    def wait_for_metrics():
+        """The filter batches its counts and hands them to Envoy on its tick (every 100 ms
+        without bypass, 20 ms with it): wait out one flush before reading them."""
+        time.sleep(METRICS_FLUSH_WAIT_S)
 
     def connection(self):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)

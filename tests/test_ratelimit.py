@@ -277,7 +277,7 @@ def test_metrics_exist_at_zero_and_move(envoy_factory):
     envoy.request("GET", "/api/v1/m.x")
     envoy.request("GET", "/api/v1/m.x")
     envoy.request("GET", "/api/info")
-    prom = envoy.admin("/stats/prometheus")
+    prom = envoy.prometheus()
     for m, v in [("allowed", 1), ("limited", 1), ("not_limited", 1), ("tracked_clients", 1)]:
         assert f"\nrocketchat_ratelimit_{m}{{}} {v}\n" in prom, (m, prom)
     assert "# TYPE rocketchat_ratelimit_tracked_clients gauge" in prom

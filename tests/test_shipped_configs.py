@@ -175,7 +175,7 @@ def test_envoy_yaml_started_for_real_limits_like_rocketchat(shipped_gateway, own
     assert r.status == 200 and not any(h.startswith("x-ratelimit") for h in r.headers)
     # The filter's metrics as Prometheus sees them (Envoy drops the `wasmcustom.` namespace),
     # and Envoy's count of VM reloads (FAIL_RELOAD), which the README tells operators to watch.
-    metrics = shipped_gateway.admin("/stats/prometheus")
+    metrics = shipped_gateway.prometheus()
     assert re.search(r"(?m)^rocketchat_ratelimit_allowed\{\} 10$", metrics), metrics
     assert re.search(r"(?m)^rocketchat_ratelimit_limited\{\} 1$", metrics), metrics
     assert re.search(r"(?m)^envoy_wasm_rocketchat_ratelimit_vm_reload\{\} 0$", metrics), metrics
