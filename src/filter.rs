@@ -38,7 +38,7 @@ proxy_wasm::main! {{
     let _ = log::set_logger(&host::HostLogger);
     log::set_max_level(log::LevelFilter::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { active: None, permissions_call: None })
+        Box::new(Root { active: None, metrics: None, permissions_call: None })
     });
 }}
 
@@ -49,7 +49,8 @@ proxy_wasm::main! {{
 /// sums to Envoy (one `increment_metric` per counter that moved), so a request makes no metric
 /// host call at all (issue #5: each host call costs ~1 µs here). The stats lag by at most
 /// one tick ([`METRICS_FLUSH_MS`], or the bypass tick); what is pending when the plugin goes
-/// away is flushed in `on_done`. A VM that traps loses at most one tick of counts.
+/// away is flushed in `on_done`. A VM that traps loses at most one tick of counts. One per
+/// root context (see `Root::metrics`).
 struct Metrics {
     counters: [Option<u32>; COUNTER_NAMES.len()],
     tracked_clients: Option<u32>,
@@ -177,7 +178,7 @@ impl BypassRuntime {
 struct Active {
     config: Config,
     seed: Seed,
-    metrics: Metrics,
+    metrics: Rc<Metrics>,
     bypass: Option<BypassRuntime>,
     /// Reused for every request: the counter key and the value read from shared data.
     key_buf: RefCell<String>,
@@ -372,6 +373,9 @@ impl Active {
 
 struct Root {
     active: Option<Rc<Active>>,
+    /// Defined at the first configuration and kept across later ones: requests still running
+    /// on a replaced configuration add to the same pending counts, which this root flushes.
+    metrics: Option<Rc<Metrics>>,
     /// The permissions refresh this VM has in flight.
     permissions_call: Option<u32>,
 }
@@ -429,8 +433,8 @@ impl Context for Root {
     /// The plugin goes away (configuration replaced, listener drained, Envoy stopping): hand
     /// over the counts still pending.
     fn on_done(&mut self) -> bool {
-        if let Some(active) = &self.active {
-            active.metrics.flush();
+        if let Some(metrics) = &self.metrics {
+            metrics.flush();
         }
         true
     }
@@ -499,7 +503,10 @@ impl RootContext for Root {
             }
         };
         // Metrics first: they exist (at 0) from the first configuration on.
-        let metrics = Metrics::define();
+        let metrics = self
+            .metrics
+            .get_or_insert_with(|| Rc::new(Metrics::define()))
+            .clone();
         let seed = shared_seed();
         if let Err(e) = store::ensure_table(&HostSharedData, config.counter_sets()) {
             log::error!("cannot create the counter table in shared data: {e:?}");
@@ -533,9 +540,6 @@ impl RootContext for Root {
             config.max_tracked_clients,
             if config.bypass.is_some() { "on" } else { "off" }
         );
-        if let Some(previous) = &self.active {
-            previous.metrics.flush();
-        }
         self.active = Some(Rc::new(Active {
             config,
             seed,
@@ -550,10 +554,12 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.flush();
+        }
         let Some(active) = self.active.clone() else {
             return;
         };
-        active.metrics.flush();
         if active.bypass.is_none() {
             return;
         }
