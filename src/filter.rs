@@ -634,8 +634,9 @@ fn credential(value: Option<&[u8]>) -> Option<&str> {
 }
 
 impl Http {
+    /// `path` as [`decision::limitable_path`] returned it.
     fn classify<'a>(active: &'a Active, method: &[u8], path: &[u8]) -> Option<Countable<'a>> {
-        decision::classify(&active.config, active.seed, method, path, || {
+        decision::classify_limitable(&active.config, active.seed, method, path, || {
             host::property(SOURCE_ADDRESS)
         })
     }
@@ -895,7 +896,8 @@ impl HttpContext for Http {
             let [method, path, user_id, token] =
                 headers::find(&map, [":method", ":path", "x-user-id", "x-auth-token"]);
             credentials = credential(user_id).zip(credential(token));
-            path.and_then(|p| Self::classify(&active, method.unwrap_or_default(), p))
+            path.and_then(|p| decision::limitable_path(&active.config, p))
+                .and_then(|path| Self::classify(&active, method.unwrap_or_default(), &path))
         } else {
             let raw_path = host::header(host::MAP_REQUEST_HEADERS, ":path");
             raw_path
@@ -904,13 +906,7 @@ impl HttpContext for Http {
                 .and_then(|path| {
                     let method =
                         host::header(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
-                    decision::classify_limitable(
-                        &active.config,
-                        active.seed,
-                        &method,
-                        &path,
-                        || host::property(SOURCE_ADDRESS),
-                    )
+                    Self::classify(&active, &method, &path)
                 })
         };
         let Some(countable) = countable else {
