@@ -12,21 +12,20 @@ use crate::store::{self, CountOutcome, CountResult, SharedStore};
 
 /// A request that is to be counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Countable<'a> {
+pub struct Countable {
     pub limit: Limit,
-    pub limit_header: &'a str,
     pub fingerprint: u64,
     pub set: u32,
 }
 
 /// Routes a request and, when it is limited, computes its bucket's fingerprint and set.
-pub fn classify<'a>(
-    config: &'a Config,
+pub fn classify(
+    config: &Config,
     seed: Seed,
     method: &[u8],
     raw_path: &[u8],
     source_address: impl FnOnce() -> Option<Vec<u8>>,
-) -> Option<Countable<'a>> {
+) -> Option<Countable> {
     let path = limitable_path(config, raw_path)?;
     classify_limitable(config, seed, method, &path, source_address)
 }
@@ -44,27 +43,22 @@ pub fn limitable_path<'p>(config: &Config, raw_path: &'p [u8]) -> Option<Cow<'p,
 }
 
 /// [`classify`] for a path that [`limitable_path`] returned.
-pub fn classify_limitable<'a>(
-    config: &'a Config,
+pub fn classify_limitable(
+    config: &Config,
     seed: Seed,
     method: &[u8],
     path: &[u8],
     source_address: impl FnOnce() -> Option<Vec<u8>>,
-) -> Option<Countable<'a>> {
+) -> Option<Countable> {
     match config.routes.route(method, path) {
         Route::NotLimited => None,
-        Route::Limited {
-            limit,
-            limit_header,
-            bucket,
-        } => {
+        Route::Limited { limit, bucket } => {
             // Fetched only for limited requests. Absent (never seen from Envoy's HTTP
             // listeners) means every such request shares the empty client: limited, not free.
             let source = source_address().unwrap_or_default();
             let fp = fingerprint(seed, client_ip(&source), method, &bucket);
             Some(Countable {
                 limit,
-                limit_header,
                 fingerprint: fp,
                 set: set_index(fp, config.counter_sets()),
             })
@@ -100,7 +94,7 @@ pub fn count_request<S: SharedStore>(
     store: &S,
     key_buf: &mut String,
     value_buf: &mut Vec<u8>,
-    countable: &Countable<'_>,
+    countable: &Countable,
     now_ms: u64,
 ) -> (Action, Events) {
     store::set_key(key_buf, config.counter_sets(), countable.set);

@@ -15,7 +15,7 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::bypass::{self, CacheState, MeAnswer, SharedRoles};
 use crate::client::client_ip;
-use crate::config::{self, BypassConfig, Config, Limit};
+use crate::config::{self, BypassConfig, Config};
 use crate::decision::{self, Countable, Events};
 use crate::fingerprint::Seed;
 use crate::headers;
@@ -120,14 +120,6 @@ struct RateLimitHeaders {
     reset_ms: u64,
 }
 
-/// What a parked request needs to be counted later.
-#[derive(Clone, Copy)]
-struct Parked {
-    limit: Limit,
-    fingerprint: u64,
-    set: u32,
-}
-
 /// One user lookup this VM waits for.
 struct Lookup {
     /// Parked requests (context ids) waiting for the answer.
@@ -145,7 +137,8 @@ struct BypassRuntime {
     /// The roles holding the permission, as last seen in shared data (or the configured ones).
     roles: RefCell<Vec<String>>,
     lookups: RefCell<BTreeMap<u64, Lookup>>,
-    parked: RefCell<BTreeMap<u32, Parked>>,
+    /// Parked requests (context id → what to count once the answer is in).
+    parked: RefCell<BTreeMap<u32, Countable>>,
     /// Headers for parked requests that were let through, read in their response phase.
     parked_headers: RefCell<BTreeMap<u32, RateLimitHeaders>>,
     /// This VM's copy of answers it has seen (user fingerprint → expiry, roles), so a repeat
@@ -208,7 +201,7 @@ impl Active {
     }
 
     /// Counts a request and applies the verdict to the *effective* context.
-    fn count_and_apply(&self, countable: &Countable<'_>, now_ms: u64) -> Outcome {
+    fn count_and_apply(&self, countable: &Countable, now_ms: u64) -> Outcome {
         let (action, events) = decision::count_request(
             &self.config,
             &HostSharedData,
@@ -303,13 +296,7 @@ impl Active {
         if answer.is_none() {
             self.metrics.inc(Counter::CalloutFailures);
         }
-        let countable = Countable {
-            limit: parked.limit,
-            limit_header: "",
-            fingerprint: parked.fingerprint,
-            set: parked.set,
-        };
-        match self.count_and_apply(&countable, now_ms) {
+        match self.count_and_apply(&parked, now_ms) {
             Outcome::Continue(headers) => {
                 if let Some(h) = headers {
                     rt.parked_headers.borrow_mut().insert(context_id, h);
@@ -635,7 +622,7 @@ fn credential(value: Option<&[u8]>) -> Option<&str> {
 
 impl Http {
     /// `path` as [`decision::limitable_path`] returned it.
-    fn classify<'a>(active: &'a Active, method: &[u8], path: &[u8]) -> Option<Countable<'a>> {
+    fn classify(active: &Active, method: &[u8], path: &[u8]) -> Option<Countable> {
         decision::classify_limitable(&active.config, active.seed, method, path, || {
             host::property(SOURCE_ADDRESS)
         })
@@ -656,7 +643,7 @@ impl Http {
     fn bypass_step(
         &mut self,
         active: &Active,
-        countable: &Countable<'_>,
+        countable: &Countable,
         credentials: Option<(&str, &str)>,
         now_ms: u64,
     ) -> Option<Action> {
@@ -676,11 +663,7 @@ impl Http {
             return verdict(is_bypass);
         }
         let key = bypass::user_slot_key(bypass::user_slot(user_fp));
-        let parked = Parked {
-            limit: countable.limit,
-            fingerprint: countable.fingerprint,
-            set: countable.set,
-        };
+        let parked = *countable;
         let deadline_ms = now_ms + rt.config.timeout_ms + bypass::PENDING_GRACE_MS;
         let mut buf = Vec::new();
         for _ in 0..4 {
@@ -746,7 +729,7 @@ impl Http {
         &self,
         rt: &BypassRuntime,
         user_fp: u64,
-        parked: Parked,
+        parked: Countable,
         deadline_ms: u64,
         dispatched: bool,
     ) {

@@ -15,8 +15,6 @@ pub struct RouteRule {
     pub limit: Option<Limit>,
     /// Identifies the entry's bucket (SPEC §3.4: a pattern's bucket is the pattern).
     pub id: u32,
-    /// `x-ratelimit-limit`, formatted once at configure time.
-    pub limit_header: String,
 }
 
 /// The bucket a limited request counts in, besides its client and method.
@@ -30,12 +28,10 @@ pub enum Bucket<'a> {
 
 /// The routing decision for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route<'t, 'p> {
+pub enum Route<'p> {
     NotLimited,
     Limited {
         limit: Limit,
-        /// Borrowed from the table.
-        limit_header: &'t str,
         /// May borrow the request's path.
         bucket: Bucket<'p>,
     },
@@ -107,10 +103,6 @@ pub struct RouteTableBuilder {
     patterns: Vec<Pattern>,
     /// (normalised path, method) of every `routes` entry, in configuration order.
     seen: Vec<(Vec<u8>, MethodSel)>,
-}
-
-fn format_limit(limit: Option<Limit>) -> String {
-    limit.map(|l| l.requests.to_string()).unwrap_or_default()
 }
 
 /// Precedence of patterns: more literal segments first, then routes before preset, then one
@@ -191,7 +183,6 @@ impl RouteTableBuilder {
             rule: RouteRule {
                 limit,
                 id: self.next_id,
-                limit_header: format_limit(limit),
             },
         };
         self.next_id += 1;
@@ -242,7 +233,6 @@ impl RouteTableBuilder {
             default_rule: RouteRule {
                 limit: Some(self.default),
                 id: 0,
-                limit_header: format_limit(Some(self.default)),
             },
             exact: self.exact,
             patterns: self.patterns,
@@ -256,7 +246,7 @@ impl RouteTable {
     }
 
     /// Routes a request. `normalised` must come from [`normalise_path`].
-    pub fn route<'t, 'p>(&'t self, method: &[u8], normalised: &'p [u8]) -> Route<'t, 'p> {
+    pub fn route<'p>(&self, method: &[u8], normalised: &'p [u8]) -> Route<'p> {
         if method == b"OPTIONS" || method == b"HEAD" {
             return Route::NotLimited;
         }
@@ -282,7 +272,6 @@ impl RouteTable {
         match self.default_rule.limit {
             Some(limit) => Route::Limited {
                 limit,
-                limit_header: &self.default_rule.limit_header,
                 bucket: Bucket::Path(normalised),
             },
             None => Route::NotLimited,
@@ -290,11 +279,10 @@ impl RouteTable {
     }
 }
 
-fn limited<'t, 'p>(rule: &'t RouteRule) -> Route<'t, 'p> {
+fn limited<'p>(rule: &RouteRule) -> Route<'p> {
     match rule.limit {
         Some(limit) => Route::Limited {
             limit,
-            limit_header: &rule.limit_header,
             bucket: Bucket::Entry(rule.id),
         },
         None => Route::NotLimited,
