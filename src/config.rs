@@ -478,15 +478,16 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
 }
 
 fn positive(field: &str, value: Number, max: u64, max_text: &str) -> Result<u64, ConfigError> {
+    let not_positive = || ConfigError::new(field, "must be a positive integer");
     let too_big = || ConfigError::new(field, format!("must be at most {max_text}"));
-    // Digits only: a sign, a fraction or an exponent is not a positive integer.
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ConfigError::new(field, "must be a positive integer"));
-    }
     match Value::Number(value).as_u64() {
-        Some(0) => Err(ConfigError::new(field, "must be a positive integer")),
+        Some(0) => Err(not_positive()),
         Some(n) if n <= max => Ok(n),
-        _ => Err(too_big()),
+        Some(_) => Err(too_big()),
+        // Digits that overflow u64 are still a (huge) positive integer; a sign, a fraction or
+        // an exponent is not one.
+        None if value.bytes().all(|b| b.is_ascii_digit()) => Err(too_big()),
+        None => Err(not_positive()),
     }
 }
 
