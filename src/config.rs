@@ -10,14 +10,15 @@
 use std::fmt;
 
 use crate::json::{self, Value};
+use std::num::NonZeroU32;
+
+use crate::limiter::{Limit, WAYS_PER_SET};
 use crate::route::{RouteTable, RouteTableBuilder};
 
 /// Longest window the filter accepts: one day, as SPEC §2 says.
 pub const MAX_INTERVAL_MS: u64 = 86_400_000;
 /// Largest `numRequestsAllowed`: a slot keeps its count in 31 bits.
 pub const MAX_REQUESTS: u64 = 0x7fff_ffff;
-/// Ways (client-counter slots) per shared-data key; see `limiter`.
-pub const WAYS_PER_SET: u32 = 8;
 /// Upper bound of `max_tracked_clients`: every slot is created at configure time, so a huge
 /// value would be a huge allocation in Envoy. Ten million slots is ~250 MB of shared data.
 pub const MAX_TRACKED_CLIENTS_LIMIT: u64 = 10_000_000;
@@ -347,20 +348,6 @@ fn read_config<'a>(value: &Value<'a>) -> Result<RawConfig<'a>, ConfigError> {
 // ---------------------------------------------------------------------------------------------
 // Step 2: meaning.
 
-/// A limit: L requests per aligned window of `interval_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limit {
-    pub requests: u32,
-    pub interval_ms: u64,
-}
-
-impl Limit {
-    pub const ROCKETCHAT_DEFAULT: Limit = Limit {
-        requests: 10,
-        interval_ms: 60_000,
-    };
-}
-
 /// The bypass block (SPEC §5), validated.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BypassConfig {
@@ -415,8 +402,8 @@ pub struct Config {
 
 impl Config {
     /// Number of shared-data keys that hold client counters (SPEC §6).
-    pub fn counter_sets(&self) -> u32 {
-        (self.max_tracked_clients / WAYS_PER_SET).max(1)
+    pub fn counter_sets(&self) -> NonZeroU32 {
+        NonZeroU32::new(self.max_tracked_clients / WAYS_PER_SET).unwrap_or(NonZeroU32::MIN)
     }
 }
 
@@ -499,7 +486,7 @@ fn compile_limit(field: &str, raw: &RawLimit<'_>, fallback: Limit) -> Result<Lim
             MAX_REQUESTS,
             "2147483647",
         )? as u32,
-        None => fallback.requests,
+        None => fallback.requests.get(),
     };
     let interval_ms = match &raw.interval_time_in_ms {
         Some(n) => positive(
@@ -508,12 +495,11 @@ fn compile_limit(field: &str, raw: &RawLimit<'_>, fallback: Limit) -> Result<Lim
             MAX_INTERVAL_MS,
             "86400000 (one day)",
         )?,
-        None => fallback.interval_ms,
+        None => fallback.interval_ms.get(),
     };
-    Ok(Limit {
-        requests,
-        interval_ms,
-    })
+    // `positive` returned non-zero numbers.
+    Limit::new(requests, interval_ms)
+        .ok_or_else(|| ConfigError::new(field, "must be a positive integer"))
 }
 
 fn absolute_path(field: &str, value: &str) -> Result<(), ConfigError> {
@@ -567,10 +553,9 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
     if use_preset {
         for (relative, method, options) in ROCKETCHAT_PRESET {
             let path = format!("{api_prefix}{relative}");
-            let limit = options.map(|(requests, interval_ms)| Limit {
-                requests,
-                interval_ms,
-            });
+            // The preset's numbers are all non-zero (a test pins it).
+            let limit =
+                options.and_then(|(requests, interval_ms)| Limit::new(requests, interval_ms));
             table
                 .add_preset(&path, Some(method), limit)
                 .map_err(|reason| ConfigError::new("preset", reason))?;
@@ -844,6 +829,15 @@ mod tests {
     }
 
     #[test]
+    fn preset_rows_are_valid_limits() {
+        for (path, _, options) in ROCKETCHAT_PRESET {
+            if let Some((requests, interval_ms)) = options {
+                assert!(Limit::new(*requests, *interval_ms).is_some(), "{path}");
+            }
+        }
+    }
+
+    #[test]
     fn preset_none_drops_the_table_and_prefix_rebases_it() {
         let c = parse(br#"{"preset":"none"}"#).unwrap();
         assert!(matches!(
@@ -853,7 +847,7 @@ mod tests {
         let c = parse(br#"{"api_prefix":"/chat/api/v1"}"#).unwrap();
         assert_eq!(c.routes.prefix(), b"/chat/api/v1/");
         match c.routes.route(b"POST", b"/chat/api/v1/users.register") {
-            crate::route::Route::Limited { limit, .. } => assert_eq!(limit.requests, 1),
+            crate::route::Route::Limited { limit, .. } => assert_eq!(limit.requests.get(), 1),
             other => panic!("{other:?}"),
         }
     }
@@ -882,13 +876,7 @@ mod tests {
         assert_eq!(c.bypass.unwrap().timeout_ms, 200);
         match c.routes.route(b"DELETE", b"/api/v1/x") {
             crate::route::Route::Limited { limit, .. } => {
-                assert_eq!(
-                    limit,
-                    Limit {
-                        requests: 10,
-                        interval_ms: 1000
-                    }
-                )
+                assert_eq!(limit, Limit::of(10, 1000))
             }
             other => panic!("{other:?}"),
         }
@@ -923,6 +911,6 @@ mod tests {
     fn max_tracked_clients_rounds_down_to_whole_sets() {
         let c = parse(br#"{"max_tracked_clients":10007}"#).unwrap();
         assert_eq!(c.max_tracked_clients, 10_000);
-        assert_eq!(c.counter_sets(), 1250);
+        assert_eq!(c.counter_sets().get(), 1250);
     }
 }

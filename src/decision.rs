@@ -4,9 +4,9 @@
 use std::borrow::Cow;
 
 use crate::client::client_ip;
-use crate::config::{Config, Limit};
+use crate::config::Config;
 use crate::fingerprint::{fingerprint, Seed};
-use crate::limiter::{set_index, Verdict};
+use crate::limiter::{set_index, Limit, Verdict};
 use crate::route::{normalise_path, Route};
 use crate::store::{self, CountOutcome, CountResult, SharedStore};
 

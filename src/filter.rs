@@ -211,7 +211,7 @@ impl Active {
             now_ms,
         );
         self.metrics.record(&events);
-        let limit = countable.limit.requests;
+        let limit = countable.limit.requests.get();
         match action {
             decision::Action::Pass {
                 remaining,

@@ -14,7 +14,41 @@
 //! may be limited early: that is the conservative side). The way is flagged `shared`, so the
 //! newcomer keeps finding it (and never starts a fresh count elsewhere) until it expires.
 
-use crate::config::{Limit, WAYS_PER_SET};
+use std::num::{NonZeroU32, NonZeroU64};
+
+/// Ways (client-counter slots) per shared-data key.
+pub const WAYS_PER_SET: u32 = 8;
+
+/// A limit: L requests per aligned window of `interval_ms`. Both are non-zero by type, so no
+/// code downstream has to guard against a zero limit or a zero-length window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub requests: NonZeroU32,
+    pub interval_ms: NonZeroU64,
+}
+
+impl Limit {
+    /// Rocket.Chat's `API_Enable_Rate_Limiter_Limit_Calls_Default` / `_Time_Default`.
+    pub const ROCKETCHAT_DEFAULT: Limit = Limit {
+        requests: NonZeroU32::MIN.saturating_add(9),
+        interval_ms: NonZeroU64::MIN.saturating_add(59_999),
+    };
+
+    /// `None` if either number is 0.
+    pub fn new(requests: u32, interval_ms: u64) -> Option<Limit> {
+        Some(Limit {
+            requests: NonZeroU32::new(requests)?,
+            interval_ms: NonZeroU64::new(interval_ms)?,
+        })
+    }
+
+    /// For tests: a limit that must be valid.
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    pub fn of(requests: u32, interval_ms: u64) -> Limit {
+        Limit::new(requests, interval_ms).unwrap()
+    }
+}
 
 const WAYS: usize = WAYS_PER_SET as usize;
 const WAY_BYTES: usize = 20;
@@ -110,8 +144,8 @@ pub struct Decision {
 }
 
 /// Which set of `sets` a fingerprint lives in.
-pub fn set_index(fingerprint: u64, sets: u32) -> u32 {
-    (fingerprint % u64::from(sets.max(1))) as u32
+pub fn set_index(fingerprint: u64, sets: NonZeroU32) -> u32 {
+    (fingerprint % u64::from(sets.get())) as u32
 }
 
 /// The way a bucket merges into when its set is full: from bits the set index does not use.
@@ -120,8 +154,8 @@ fn merge_way(fingerprint: u64) -> usize {
 }
 
 /// Aligned fixed window (SPEC §4.2): the end of the window holding `now_ms`.
-pub fn window_end(now_ms: u64, interval_ms: u64) -> u64 {
-    let interval = interval_ms.max(1);
+pub fn window_end(now_ms: u64, interval_ms: NonZeroU64) -> u64 {
+    let interval = interval_ms.get();
     (now_ms / interval)
         .saturating_add(1)
         .saturating_mul(interval)
@@ -182,7 +216,7 @@ pub fn decide(set: &Set, fingerprint: u64, limit: Limit, now_ms: u64) -> Decisio
     }
     // A count at the top of its 31 bits is full whatever the limit (the config caps limits
     // below it; this keeps a corrupted value from wrapping).
-    if way.count >= limit.requests || way.count >= COUNT_MASK {
+    if way.count >= limit.requests.get() || way.count >= COUNT_MASK {
         return Decision {
             verdict: Verdict::Limited {
                 reset_ms: way.end_ms,
@@ -194,7 +228,7 @@ pub fn decide(set: &Set, fingerprint: u64, limit: Limit, now_ms: u64) -> Decisio
     }
     way.count += 1;
     let verdict = Verdict::Allowed {
-        remaining: limit.requests - way.count,
+        remaining: limit.requests.get() - way.count,
         reset_ms: way.end_ms,
     };
     Decision {
@@ -210,10 +244,9 @@ pub fn decide(set: &Set, fingerprint: u64, limit: Limit, now_ms: u64) -> Decisio
 mod tests {
     use super::*;
 
-    const L3: Limit = Limit {
-        requests: 3,
-        interval_ms: 60_000,
-    };
+    fn l3() -> Limit {
+        Limit::of(3, 60_000)
+    }
 
     fn run(set: &mut Set, fp: u64, limit: Limit, now: u64) -> Decision {
         let d = decide(set, fp, limit, now);
@@ -228,7 +261,7 @@ mod tests {
         let mut s = Set::decode(&[0]);
         let now = 120_000 + 5;
         for expected in [2, 1, 0] {
-            let d = run(&mut s, 7, L3, now);
+            let d = run(&mut s, 7, l3(), now);
             assert_eq!(
                 d.verdict,
                 Verdict::Allowed {
@@ -237,11 +270,11 @@ mod tests {
                 }
             );
         }
-        let d = run(&mut s, 7, L3, now + 10);
+        let d = run(&mut s, 7, l3(), now + 10);
         assert_eq!(d.verdict, Verdict::Limited { reset_ms: 180_000 });
         assert_eq!(d.write, None);
         // Next window lets it in again.
-        let d = run(&mut s, 7, L3, 180_000);
+        let d = run(&mut s, 7, l3(), 180_000);
         assert_eq!(
             d.verdict,
             Verdict::Allowed {
@@ -254,8 +287,8 @@ mod tests {
     #[test]
     fn encode_decode_round_trip() {
         let mut s = Set::decode(&[]);
-        run(&mut s, 42, L3, 1);
-        run(&mut s, 43, L3, 1);
+        run(&mut s, 42, l3(), 1);
+        run(&mut s, 43, l3(), 1);
         let bytes = s.encode();
         assert_eq!(Set::decode(&bytes), s);
         assert_eq!(s.used_ways(), 2);
@@ -265,13 +298,13 @@ mod tests {
     fn distinct_buckets_get_distinct_ways_while_there_is_room() {
         let mut s = Set::decode(&[]);
         for fp in 1..=WAYS as u64 {
-            let d = run(&mut s, fp, L3, 10);
+            let d = run(&mut s, fp, l3(), 10);
             assert!(!d.collision);
             assert!(d.new_slot);
         }
         for fp in 1..=WAYS as u64 {
             assert_eq!(
-                run(&mut s, fp, L3, 11).verdict,
+                run(&mut s, fp, l3(), 11).verdict,
                 Verdict::Allowed {
                     remaining: 1,
                     reset_ms: 60_000
@@ -284,11 +317,11 @@ mod tests {
     fn full_set_merges_conservatively_and_never_under_counts() {
         let mut s = Set::decode(&[]);
         for fp in 1..=WAYS as u64 {
-            run(&mut s, fp, L3, 10);
+            run(&mut s, fp, l3(), 10);
         }
         // A newcomer in a full set shares a way: the owner's one request counts against it.
         let newcomer = 0xAB00_0000_0000_0099;
-        let d = run(&mut s, newcomer, L3, 20);
+        let d = run(&mut s, newcomer, l3(), 20);
         assert!(d.collision);
         assert_eq!(
             d.verdict,
@@ -298,23 +331,20 @@ mod tests {
             }
         );
         // Even when another way frees up, the newcomer keeps counting in the shared way.
-        let short = Limit {
-            requests: 3,
-            interval_ms: 100,
-        };
+        let short = Limit::of(3, 100);
         let mut s2 = Set::decode(&[]);
         for fp in 1..WAYS as u64 {
-            run(&mut s2, fp, L3, 10);
+            run(&mut s2, fp, l3(), 10);
         }
         run(&mut s2, 1000, short, 10); // ends at 100
         let nc = merge_target_fp(&s2, 1000);
-        let d = run(&mut s2, nc, L3, 20);
+        let d = run(&mut s2, nc, l3(), 20);
         assert!(d.collision);
         // way of fingerprint 1000 may or may not be the merge target; if it frees up, the
         // newcomer must still count in its shared way.
         let mut passed = 1;
         for t in [150, 200, 300, 400] {
-            if let Verdict::Allowed { .. } = run(&mut s2, nc, L3, t).verdict {
+            if let Verdict::Allowed { .. } = run(&mut s2, nc, l3(), t).verdict {
                 passed += 1;
             }
         }
@@ -333,18 +363,12 @@ mod tests {
     #[test]
     fn merged_window_ends_at_the_later_end() {
         let mut s = Set::decode(&[]);
-        let short = Limit {
-            requests: 100,
-            interval_ms: 1_000,
-        };
+        let short = Limit::of(100, 1_000);
         for fp in 1..=WAYS as u64 {
             run(&mut s, fp << 8, short, 10);
         }
         let nc = 0x0100_0000_0000_0001;
-        let long = Limit {
-            requests: 2,
-            interval_ms: 60_000,
-        };
+        let long = Limit::of(2, 60_000);
         assert!(matches!(
             run(&mut s, nc, long, 20).verdict,
             Verdict::Allowed {
@@ -364,35 +388,11 @@ mod tests {
     fn count_kept_when_limit_changes() {
         let mut s = Set::decode(&[]);
         for _ in 0..7 {
-            run(
-                &mut s,
-                5,
-                Limit {
-                    requests: 10,
-                    interval_ms: 60_000,
-                },
-                1,
-            );
+            run(&mut s, 5, Limit::of(10, 60_000), 1);
         }
-        let d = run(
-            &mut s,
-            5,
-            Limit {
-                requests: 5,
-                interval_ms: 60_000,
-            },
-            2,
-        );
+        let d = run(&mut s, 5, Limit::of(5, 60_000), 2);
         assert_eq!(d.verdict, Verdict::Limited { reset_ms: 60_000 });
-        let d = run(
-            &mut s,
-            5,
-            Limit {
-                requests: 20,
-                interval_ms: 60_000,
-            },
-            3,
-        );
+        let d = run(&mut s, 5, Limit::of(20, 60_000), 3);
         assert_eq!(
             d.verdict,
             Verdict::Allowed {
@@ -404,9 +404,12 @@ mod tests {
 
     #[test]
     fn window_end_is_aligned() {
-        assert_eq!(window_end(0, 1000), 1000);
-        assert_eq!(window_end(999, 1000), 1000);
-        assert_eq!(window_end(1000, 1000), 2000);
-        assert_eq!(window_end(1_700_000_123_456, 60_000), 1_700_000_160_000);
+        assert_eq!(window_end(0, NonZeroU64::new(1000).unwrap()), 1000);
+        assert_eq!(window_end(999, NonZeroU64::new(1000).unwrap()), 1000);
+        assert_eq!(window_end(1000, NonZeroU64::new(1000).unwrap()), 2000);
+        assert_eq!(
+            window_end(1_700_000_123_456, NonZeroU64::new(60_000).unwrap()),
+            1_700_000_160_000
+        );
     }
 }

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
-use crate::config::Limit;
+use crate::limiter::Limit;
 
 /// What a route entry says about its requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -478,12 +478,7 @@ mod tests {
 
     fn table() -> RouteTable {
         let mut b = RouteTableBuilder::new("/api/v1/", Limit::ROCKETCHAT_DEFAULT);
-        let l = |n| {
-            Some(Limit {
-                requests: n,
-                interval_ms: 1000,
-            })
-        };
+        let l = |n| Some(Limit::of(n, 1000));
         b.add_preset("/api/v1/method.call/:method", Some("POST"), None)
             .unwrap();
         b.add_preset("/api/v1/a/:x/c", Some("GET"), l(1)).unwrap();
@@ -500,7 +495,7 @@ mod tests {
     fn limit_of(t: &RouteTable, m: &str, p: &str) -> Option<u32> {
         match t.route(m.as_bytes(), p.as_bytes()) {
             Route::NotLimited => None,
-            Route::Limited { limit, .. } => Some(limit.requests),
+            Route::Limited { limit, .. } => Some(limit.requests.get()),
         }
     }
 
@@ -548,12 +543,7 @@ mod tests {
     #[test]
     fn routes_override_preset_with_same_path_and_method() {
         let mut b = RouteTableBuilder::new("/api/v1/", Limit::ROCKETCHAT_DEFAULT);
-        let l = |n| {
-            Some(Limit {
-                requests: n,
-                interval_ms: 1000,
-            })
-        };
+        let l = |n| Some(Limit::of(n, 1000));
         b.add_preset("/api/v1/x", Some("POST"), l(1)).unwrap();
         b.add_preset("/api/v1/y/:z", Some("POST"), None).unwrap();
         b.add_route("/api/v1/x", Some("POST"), l(9)).unwrap();

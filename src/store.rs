@@ -6,8 +6,9 @@
 //! lose one update. So every counter key is created *before* traffic, at configure time
 //! ([`ensure_table`]), and the request path only ever writes with the CAS of a real read.
 
-use crate::config::Limit;
-use crate::limiter::{self, Set, Verdict};
+use std::num::NonZeroU32;
+
+use crate::limiter::{self, Limit, Set, Verdict};
 use crate::response::Decimal;
 
 /// Errors a store reports. Everything the host can answer maps to one of these.
@@ -59,16 +60,16 @@ pub struct CountResult {
 
 /// Shared-data key of counter set `index` in a table of `sets` sets. The size is part of the
 /// name: a table of another size is another table (a resize starts fresh counts).
-pub fn set_key(out: &mut String, sets: u32, index: u32) {
+pub fn set_key(out: &mut String, sets: NonZeroU32, index: u32) {
     out.clear();
     out.push_str("rlrc1:");
-    out.push_str(Decimal::new(u64::from(sets)).as_str());
+    out.push_str(Decimal::new(u64::from(sets.get())).as_str());
     out.push(':');
     out.push_str(Decimal::new(u64::from(index)).as_str());
 }
 
 /// Key that says table `sets` has been fully created.
-pub fn ready_key(sets: u32) -> String {
+pub fn ready_key(sets: NonZeroU32) -> String {
     format!("rlrc1:{sets}:ready")
 }
 
@@ -142,7 +143,7 @@ pub fn count<S: SharedStore>(
 /// Creates the missing keys of a table of `sets` sets; never touches an existing key, so a
 /// configuration push (whose `on_configure` runs beside live traffic, even for a config Envoy
 /// then rejects) keeps every count. Returns how many keys it created.
-pub fn ensure_table<S: SharedStore>(store: &S, sets: u32) -> Result<u32, StoreError> {
+pub fn ensure_table<S: SharedStore>(store: &S, sets: NonZeroU32) -> Result<u32, StoreError> {
     let ready = ready_key(sets);
     let mut buf = Vec::new();
     if store.get(&ready, &mut buf)?.is_some() {
@@ -150,7 +151,7 @@ pub fn ensure_table<S: SharedStore>(store: &S, sets: u32) -> Result<u32, StoreEr
     }
     let mut created = 0;
     let mut key = String::new();
-    for index in 0..sets {
+    for index in 0..sets.get() {
         set_key(&mut key, sets, index);
         if store.get(&key, &mut buf)?.is_none() {
             store.set(&key, EMPTY_SET, 0)?;
@@ -211,17 +212,20 @@ mod tests {
     use super::memory::MemoryStore;
     use super::*;
 
-    const L2: Limit = Limit {
-        requests: 2,
-        interval_ms: 1000,
-    };
+    fn sets(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    fn l2() -> Limit {
+        Limit::of(2, 1000)
+    }
 
     #[test]
     fn keys_are_formatted_without_allocation_surprises() {
         let mut k = String::new();
-        set_key(&mut k, 1250, 0);
+        set_key(&mut k, sets(1250), 0);
         assert_eq!(k, "rlrc1:1250:0");
-        set_key(&mut k, u32::MAX, 4_000_000_000);
+        set_key(&mut k, sets(u32::MAX), 4_000_000_000);
         assert_eq!(k, "rlrc1:4294967295:4000000000");
     }
 
@@ -229,24 +233,24 @@ mod tests {
     fn ensure_table_creates_missing_and_keeps_existing() {
         let store = MemoryStore::default();
         let mut key = String::new();
-        set_key(&mut key, 4, 2);
+        set_key(&mut key, sets(4), 2);
         store.set(&key, b"live", 0).unwrap();
-        assert_eq!(ensure_table(&store, 4).unwrap(), 3);
+        assert_eq!(ensure_table(&store, sets(4)).unwrap(), 3);
         assert_eq!(store.map.borrow()[&key].0, b"live");
         // Second run: the ready marker short-cuts it.
-        assert_eq!(ensure_table(&store, 4).unwrap(), 0);
+        assert_eq!(ensure_table(&store, sets(4)).unwrap(), 0);
         assert_eq!(store.map.borrow().len(), 5);
     }
 
     #[test]
     fn count_retries_cas_mismatch_then_decides() {
         let store = MemoryStore::default();
-        ensure_table(&store, 1).unwrap();
+        ensure_table(&store, sets(1)).unwrap();
         let mut key = String::new();
-        set_key(&mut key, 1, 0);
+        set_key(&mut key, sets(1), 0);
         let mut buf = Vec::new();
         *store.contend.borrow_mut() = 3;
-        let r = count(&store, &key, &mut buf, 9, L2, 5);
+        let r = count(&store, &key, &mut buf, 9, l2(), 5);
         assert_eq!(r.retries, 3);
         assert!(matches!(
             r.outcome,
@@ -255,8 +259,8 @@ mod tests {
                 ..
             })
         ));
-        count(&store, &key, &mut buf, 9, L2, 5);
-        let r = count(&store, &key, &mut buf, 9, L2, 5);
+        count(&store, &key, &mut buf, 9, l2(), 5);
+        let r = count(&store, &key, &mut buf, 9, l2(), 5);
         assert!(matches!(
             r.outcome,
             CountOutcome::Decided(Counted {
@@ -269,11 +273,11 @@ mod tests {
     #[test]
     fn endless_contention_fails_open_after_bounded_attempts() {
         let store = MemoryStore::default();
-        ensure_table(&store, 1).unwrap();
+        ensure_table(&store, sets(1)).unwrap();
         let mut key = String::new();
-        set_key(&mut key, 1, 0);
+        set_key(&mut key, sets(1), 0);
         *store.contend.borrow_mut() = u32::MAX;
-        let r = count(&store, &key, &mut Vec::new(), 9, L2, 5);
+        let r = count(&store, &key, &mut Vec::new(), 9, l2(), 5);
         assert_eq!(r.outcome, CountOutcome::Failed(StoreError::CasMismatch));
         assert_eq!(r.retries, MAX_CAS_ATTEMPTS);
     }
@@ -281,7 +285,7 @@ mod tests {
     #[test]
     fn missing_key_is_created_then_counted() {
         let store = MemoryStore::default();
-        let r = count(&store, "k", &mut Vec::new(), 9, L2, 5);
+        let r = count(&store, "k", &mut Vec::new(), 9, l2(), 5);
         assert!(matches!(r.outcome, CountOutcome::Decided(_)));
         assert_eq!(store.map.borrow()["k"].0.len(), crate::limiter::SET_BYTES);
     }

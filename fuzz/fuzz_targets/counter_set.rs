@@ -2,7 +2,7 @@
 //! remaining than the limit allows, and what is written decodes to itself.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rocketchat_ratelimit_wasm::config::Limit;
+use rocketchat_ratelimit_wasm::limiter::Limit;
 use rocketchat_ratelimit_wasm::limiter::{decide, Set, Verdict};
 
 fuzz_target!(|data: &[u8]| {
@@ -14,11 +14,11 @@ fuzz_target!(|data: &[u8]| {
     let fingerprint = word(0);
     let now_ms = word(8) % (1 << 45);
     let requests = u32::from_le_bytes(head[16..20].try_into().unwrap_or([0; 4])).max(1);
-    let limit = Limit { requests, interval_ms: 1 + (fingerprint >> 40) % 86_400_000 };
+    let Some(limit) = Limit::new(requests, 1 + (fingerprint >> 40) % 86_400_000) else { return };
     let set = Set::decode(stored);
     let d = decide(&set, fingerprint, limit, now_ms);
     if let Verdict::Allowed { remaining, .. } = d.verdict {
-        assert!(remaining < limit.requests);
+        assert!(remaining < limit.requests.get());
     }
     if let Some(next) = d.write {
         assert_eq!(Set::decode(&next.encode()), next);
