@@ -1,16 +1,21 @@
 //! Plugin configuration (SPEC §2), parsed in two steps:
-//! 1. the *shape* (JSON syntax, types, unknown or repeated fields), read with `json` in
-//!    document order so the first mistake is reported with its exact field path;
+//! 1. the *shape* (JSON syntax, types, unknown or repeated fields), read with serde and
+//!    serde_json; `serde_path_to_error` names the field of the first mistake in document order
+//!    (`routes[2].rateLimiterOptions`);
 //! 2. `compile` checks the *meaning* (positive numbers, paths, duplicates) and builds the
 //!    immutable tables the request path uses.
 //!
 //! Every error is one line: `<field path>: <reason>`. The configuration text itself is never
-//! part of an error, because it may hold `bypass.service_auth_token`.
+//! part of an error, because it may hold `bypass.service_auth_token`: a string value is never
+//! echoed (serde would write `invalid type: string "…"`; the types below say `string`).
 
 use std::fmt;
-
-use crate::json::{self, Value};
+use std::marker::PhantomData;
 use std::num::NonZeroU32;
+
+use serde::de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::limiter::{Limit, WAYS_PER_SET};
 use crate::route::{RouteTable, RouteTableBuilder};
@@ -47,302 +52,274 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl std::error::Error for ConfigError {}
+
 // ---------------------------------------------------------------------------------------------
 // Step 1: shape.
+//
+// serde's derive reads the objects (`deny_unknown_fields`, `duplicate field`); the small types
+// below read every value that is not a plain string, for three reasons serde alone would miss:
+// - a derived struct also accepts a JSON array (`[true]` as `{"enabled":true}`): `Object`
+//   accepts only an object;
+// - serde_json reports a string where another type belongs as `string "<its text>"`, which
+//   could be the service token: `Flag`, `List`, `Object`, `Number` and `RawRouteOptions` say
+//   `string` and nothing more;
+// - a number must be judged as written (`1e3`, `1.5`, a 30-digit integer), so `Number` keeps
+//   its source text (serde_json's `RawValue`) for `compile`.
+// `null` is an absent field everywhere (`Option`).
 
-/// A number as written in the configuration (its JSON text); step 2 judges its value.
-type Number<'a> = &'a str;
-
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig<'a> {
-    enabled: Option<bool>,
-    development: Option<bool>,
-    enabled_in_development: Option<bool>,
+    enabled: Option<Flag>,
+    development: Option<Flag>,
+    enabled_in_development: Option<Flag>,
     api_prefix: Option<String>,
-    default: Option<RawLimit<'a>>,
+    #[serde(borrow)]
+    default: Option<Object<RawLimit<'a>>>,
     preset: Option<String>,
-    routes: Option<Vec<RawRoute<'a>>>,
-    dry_run: Option<bool>,
-    retry_after: Option<bool>,
+    #[serde(borrow)]
+    routes: Option<List<Object<RawRoute<'a>>>>,
+    dry_run: Option<Flag>,
+    retry_after: Option<Flag>,
+    #[serde(borrow)]
     max_tracked_clients: Option<Number<'a>>,
-    bypass: Option<RawBypass<'a>>,
+    #[serde(borrow)]
+    bypass: Option<Object<RawBypass<'a>>>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLimit<'a> {
+    #[serde(borrow, rename = "numRequestsAllowed")]
     num_requests_allowed: Option<Number<'a>>,
+    #[serde(borrow, rename = "intervalTimeInMS")]
     interval_time_in_ms: Option<Number<'a>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRoute<'a> {
     path: Option<String>,
     method: Option<String>,
+    #[serde(borrow, rename = "rateLimiterOptions")]
     rate_limiter_options: Option<RawRouteOptions<'a>>,
 }
 
-/// `rateLimiterOptions`: an object, or `false` for "never limited" (as in Rocket.Chat).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBypass<'a> {
+    cluster: Option<String>,
+    authority: Option<String>,
+    permission: Option<String>,
+    roles: Option<List<String>>,
+    me_path: Option<String>,
+    permissions_path: Option<String>,
+    service_user_id: Option<String>,
+    service_auth_token: Option<String>,
+    #[serde(borrow)]
+    timeout_ms: Option<Number<'a>>,
+    #[serde(borrow)]
+    cache_ttl_ms: Option<Number<'a>>,
+    #[serde(borrow)]
+    refresh_interval_ms: Option<Number<'a>>,
+}
+
+/// The error for a string where another type belongs: `invalid type: string, expected …`,
+/// without the string (serde_json would quote it).
+fn string_found<E: de::Error>(expected: &dyn de::Expected) -> E {
+    E::invalid_type(de::Unexpected::Other("string"), expected)
+}
+
+/// A boolean.
+#[derive(Debug, Clone, Copy)]
+struct Flag(bool);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FlagVisitor;
+        impl<'de> Visitor<'de> for FlagVisitor {
+            type Value = Flag;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a boolean")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Flag, E> {
+                Ok(Flag(v))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Flag, E> {
+                Err(string_found(&self))
+            }
+        }
+        // `deserialize_any`, not `deserialize_bool`: serde_json reports a mismatch found by
+        // `deserialize_bool` itself, string text included, without asking the visitor.
+        deserializer.deserialize_any(FlagVisitor)
+    }
+}
+
+/// A JSON array.
+#[derive(Debug)]
+struct List<T>(Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ListVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
+            type Value = List<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<List<T>, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(List(items))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<List<T>, E> {
+                Err(string_found(&self))
+            }
+        }
+        deserializer.deserialize_any(ListVisitor(PhantomData))
+    }
+}
+
+/// A JSON object read by `T`'s derived `Deserialize` (and nothing else: not an array).
+#[derive(Debug)]
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                // `map` is serde_path_to_error's tracking wrapper: the fields read through it
+                // keep their path.
+                T::deserialize(MapAccessDeserializer::new(map)).map(Object)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Object<T>, E> {
+                Err(string_found(&self))
+            }
+        }
+        deserializer.deserialize_any(ObjectVisitor(PhantomData))
+    }
+}
+
+/// A number as written in the configuration (its JSON text, checked by serde_json against the
+/// grammar); step 2 judges its value.
+#[derive(Debug, Clone, Copy)]
+struct Number<'a>(&'a str);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Number<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <&'de RawValue>::deserialize(deserializer)?.get();
+        let found = match text.as_bytes().first() {
+            Some(b'-' | b'0'..=b'9') => return Ok(Number(text)),
+            Some(b'"') => de::Unexpected::Other("string"),
+            Some(b't') => de::Unexpected::Bool(true),
+            Some(b'f') => de::Unexpected::Bool(false),
+            Some(b'[') => de::Unexpected::Seq,
+            Some(b'{') => de::Unexpected::Map,
+            // `null` (an `Option` reads it as absent before it gets here).
+            _ => de::Unexpected::Unit,
+        };
+        Err(de::Error::invalid_type(found, &"a JSON number"))
+    }
+}
+
+/// `rateLimiterOptions`: an object, or `false` for "never limited" (as in Rocket.Chat). A
+/// visitor of its own rather than an untagged enum, which would lose the field path and
+/// serde's message.
 #[derive(Debug)]
 enum RawRouteOptions<'a> {
     Limit(RawLimit<'a>),
     Disabled,
 }
 
-#[derive(Debug, Default)]
-struct RawBypass<'a> {
-    cluster: Option<String>,
-    authority: Option<String>,
-    permission: Option<String>,
-    roles: Option<Vec<String>>,
-    me_path: Option<String>,
-    permissions_path: Option<String>,
-    service_user_id: Option<String>,
-    service_auth_token: Option<String>,
-    timeout_ms: Option<Number<'a>>,
-    cache_ttl_ms: Option<Number<'a>>,
-    refresh_interval_ms: Option<Number<'a>>,
+impl<'de: 'a, 'a> Deserialize<'de> for RawRouteOptions<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OptionsVisitor<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for OptionsVisitor<'a> {
+            type Value = RawRouteOptions<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object or false")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                if v {
+                    Err(E::invalid_value(de::Unexpected::Bool(true), &self))
+                } else {
+                    Ok(RawRouteOptions::Disabled)
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                RawLimit::deserialize(MapAccessDeserializer::new(map)).map(RawRouteOptions::Limit)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Err(string_found(&self))
+            }
+        }
+        deserializer.deserialize_any(OptionsVisitor(PhantomData))
+    }
 }
 
-const CONFIG_FIELDS: &[&str] = &[
-    "enabled",
-    "development",
-    "enabled_in_development",
-    "api_prefix",
-    "default",
-    "preset",
-    "routes",
-    "dry_run",
-    "retry_after",
-    "max_tracked_clients",
-    "bypass",
-];
-const LIMIT_FIELDS: &[&str] = &["numRequestsAllowed", "intervalTimeInMS"];
-const ROUTE_FIELDS: &[&str] = &["path", "method", "rateLimiterOptions"];
-const BYPASS_FIELDS: &[&str] = &[
-    "cluster",
-    "authority",
-    "permission",
-    "roles",
-    "me_path",
-    "permissions_path",
-    "service_user_id",
-    "service_auth_token",
-    "timeout_ms",
-    "cache_ttl_ms",
-    "refresh_interval_ms",
-];
-
-/// `parent.name`, or `name` at the top.
-fn member_path(parent: &str, name: &str) -> String {
-    if parent.is_empty() {
-        name.to_string()
+/// The field path of a shape error as the operator reads it: `routes[2].rateLimiterOptions`,
+/// or `configuration` for the document itself.
+fn shape_error(error: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let path = error.path().to_string();
+    let field = if path == "." {
+        "configuration".to_string()
     } else {
-        format!("{parent}.{name}")
-    }
-}
-
-fn invalid_type(path: &str, found: &Value, expected: &str) -> ConfigError {
-    ConfigError::new(
-        path,
-        format!("invalid type: {}, expected {expected}", found.describe()),
-    )
-}
-
-/// Visits the members of the object at `path` in document order, as serde with
-/// `deny_unknown_fields` would: the first unknown or repeated member is the error.
-fn read_object<'v, 'a>(
-    path: &str,
-    value: &'v Value<'a>,
-    fields: &[&str],
-    mut member: impl FnMut(&str, &'v Value<'a>, String) -> Result<(), ConfigError>,
-) -> Result<(), ConfigError> {
-    let Value::Object(members) = value else {
-        return Err(invalid_type(path, value, "an object"));
+        path
     };
-    let mut seen: Vec<&str> = Vec::with_capacity(members.len());
-    for (name, item) in members {
-        let field = member_path(path, name);
-        if !fields.contains(&name.as_str()) {
-            let expected: Vec<String> = fields.iter().map(|f| format!("`{f}`")).collect();
-            return Err(ConfigError::new(
-                field,
-                format!(
-                    "unknown field `{name}`, expected one of {}",
-                    expected.join(", ")
-                ),
-            ));
-        }
-        if seen.contains(&name.as_str()) {
-            let parent = if path.is_empty() {
-                "configuration"
-            } else {
-                path
-            };
-            return Err(ConfigError::new(
-                parent,
-                format!("duplicate field `{name}`"),
-            ));
-        }
-        seen.push(name);
-        member(name, item, field)?;
+    let error = error.into_inner();
+    if !error.is_data() {
+        // The syntax check passed, so only what it does not look at gets here: a number out
+        // of f64 range where a boolean, a string, a list or an object belongs.
+        return ConfigError::new(field, format!("not valid JSON ({error})"));
     }
-    Ok(())
+    // serde_json appends " at line L column C" to a data error; the path says more.
+    let text = error.to_string();
+    let position = format!(" at line {} column {}", error.line(), error.column());
+    let reason = text.strip_suffix(position.as_str()).unwrap_or(&text);
+    ConfigError::new(field, redact_strings(reason))
 }
 
-// `null` reads as absent, as it did for serde's `Option` fields.
-
-fn read_bool(path: &str, value: &Value) -> Result<Option<bool>, ConfigError> {
-    match value {
-        Value::Null => Ok(None),
-        Value::Bool(b) => Ok(Some(*b)),
-        other => Err(invalid_type(path, other, "a boolean")),
-    }
+fn not_valid_json(error: &serde_json::Error) -> ConfigError {
+    // A syntax error keeps serde_json's position: it is the way to find the spot.
+    ConfigError::new("configuration", format!("not valid JSON ({error})"))
 }
 
-fn read_string(path: &str, value: &Value) -> Result<Option<String>, ConfigError> {
-    match value {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s.clone())),
-        other => Err(invalid_type(path, other, "a string")),
-    }
-}
-
-fn read_number<'a>(path: &str, value: &Value<'a>) -> Result<Option<Number<'a>>, ConfigError> {
-    match value {
-        Value::Null => Ok(None),
-        Value::Number(text) => Ok(Some(text)),
-        other => Err(invalid_type(path, other, "a JSON number")),
-    }
-}
-
-fn read_array<'v, 'a>(
-    path: &str,
-    value: &'v Value<'a>,
-) -> Result<Option<&'v [Value<'a>]>, ConfigError> {
-    match value {
-        Value::Null => Ok(None),
-        Value::Array(items) => Ok(Some(items)),
-        other => Err(invalid_type(path, other, "a sequence")),
-    }
-}
-
-fn read_limit<'a>(path: &str, value: &Value<'a>) -> Result<RawLimit<'a>, ConfigError> {
-    let mut limit = RawLimit::default();
-    read_object(path, value, LIMIT_FIELDS, |name, item, field| {
-        let number = read_number(&field, item)?;
-        if name == "numRequestsAllowed" {
-            limit.num_requests_allowed = number;
-        } else {
-            limit.interval_time_in_ms = number;
-        }
-        Ok(())
-    })?;
-    Ok(limit)
-}
-
-fn read_route<'a>(path: &str, value: &Value<'a>) -> Result<RawRoute<'a>, ConfigError> {
-    let mut route = RawRoute::default();
-    read_object(path, value, ROUTE_FIELDS, |name, item, field| {
-        match name {
-            "path" => route.path = read_string(&field, item)?,
-            "method" => route.method = read_string(&field, item)?,
-            _ => {
-                route.rate_limiter_options = match item {
-                    Value::Null => None,
-                    Value::Bool(false) => Some(RawRouteOptions::Disabled),
-                    Value::Bool(true) => {
-                        return Err(ConfigError::new(
-                            field,
-                            "invalid value: boolean `true`, expected an object or false",
-                        ))
-                    }
-                    Value::Object(_) => Some(RawRouteOptions::Limit(read_limit(&field, item)?)),
-                    other => return Err(invalid_type(&field, other, "an object or false")),
+/// A second guard behind the types above: serde writes an unexpected string as
+/// `string "<text>"` with the text escaped as Rust's `{:?}` does (`\"`, `\\`, `\n`, ...).
+/// Every such text is cut out, whatever it holds: `string "a\"b"` → `string`.
+fn redact_strings(message: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(MARK) {
+        out.push_str(rest.get(..at + "string".len()).unwrap_or_default());
+        let quoted = rest.get(at + MARK.len()..).unwrap_or_default();
+        let mut chars = quoted.char_indices();
+        let mut end = quoted.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
                 }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                _ => {}
             }
         }
-        Ok(())
-    })?;
-    Ok(route)
-}
-
-fn read_bypass<'a>(path: &str, value: &Value<'a>) -> Result<RawBypass<'a>, ConfigError> {
-    let mut bypass = RawBypass::default();
-    read_object(path, value, BYPASS_FIELDS, |name, item, field| {
-        match name {
-            "cluster" => bypass.cluster = read_string(&field, item)?,
-            "authority" => bypass.authority = read_string(&field, item)?,
-            "permission" => bypass.permission = read_string(&field, item)?,
-            "roles" => {
-                bypass.roles = match read_array(&field, item)? {
-                    None => None,
-                    Some(items) => Some(
-                        items
-                            .iter()
-                            .enumerate()
-                            .map(|(i, role)| match role {
-                                Value::String(s) => Ok(s.clone()),
-                                other => {
-                                    Err(invalid_type(&format!("{field}[{i}]"), other, "a string"))
-                                }
-                            })
-                            .collect::<Result<_, _>>()?,
-                    ),
-                }
-            }
-            "me_path" => bypass.me_path = read_string(&field, item)?,
-            "permissions_path" => bypass.permissions_path = read_string(&field, item)?,
-            "service_user_id" => bypass.service_user_id = read_string(&field, item)?,
-            "service_auth_token" => bypass.service_auth_token = read_string(&field, item)?,
-            "timeout_ms" => bypass.timeout_ms = read_number(&field, item)?,
-            "cache_ttl_ms" => bypass.cache_ttl_ms = read_number(&field, item)?,
-            _ => bypass.refresh_interval_ms = read_number(&field, item)?,
-        }
-        Ok(())
-    })?;
-    Ok(bypass)
-}
-
-fn read_config<'a>(value: &Value<'a>) -> Result<RawConfig<'a>, ConfigError> {
-    let mut raw = RawConfig::default();
-    read_object("", value, CONFIG_FIELDS, |name, item, field| {
-        match name {
-            "enabled" => raw.enabled = read_bool(&field, item)?,
-            "development" => raw.development = read_bool(&field, item)?,
-            "enabled_in_development" => raw.enabled_in_development = read_bool(&field, item)?,
-            "api_prefix" => raw.api_prefix = read_string(&field, item)?,
-            "default" => {
-                raw.default = match item {
-                    Value::Null => None,
-                    _ => Some(read_limit(&field, item)?),
-                }
-            }
-            "preset" => raw.preset = read_string(&field, item)?,
-            "routes" => {
-                raw.routes = match read_array(&field, item)? {
-                    None => None,
-                    Some(items) => Some(
-                        items
-                            .iter()
-                            .enumerate()
-                            .map(|(i, route)| read_route(&format!("{field}[{i}]"), route))
-                            .collect::<Result<_, _>>()?,
-                    ),
-                }
-            }
-            "dry_run" => raw.dry_run = read_bool(&field, item)?,
-            "retry_after" => raw.retry_after = read_bool(&field, item)?,
-            "max_tracked_clients" => raw.max_tracked_clients = read_number(&field, item)?,
-            _ => {
-                raw.bypass = match item {
-                    Value::Null => None,
-                    _ => Some(read_bypass(&field, item)?),
-                }
-            }
-        }
-        Ok(())
-    })?;
-    Ok(raw)
+        rest = quoted.get(end..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -456,30 +433,35 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return compile(RawConfig::default());
     }
-    let document = json::parse(bytes)
-        .map_err(|e| ConfigError::new("configuration", format!("not valid JSON ({e})")))?;
-    if !matches!(document, Value::Object(_)) {
+    // Syntax first, over the whole document, so that a syntax error is reported as one
+    // wherever it is, even after a shape mistake (serde reads in one pass and would stop at
+    // the shape mistake). Skipping the values only checks their syntax: it is cheap.
+    serde_json::from_slice::<de::IgnoredAny>(bytes).map_err(|e| not_valid_json(&e))?;
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ConfigError::new("configuration", "must be a JSON object"));
     }
-    compile(read_config(&document)?)
+    let mut document = serde_json::Deserializer::from_slice(bytes);
+    let raw: RawConfig = serde_path_to_error::deserialize(&mut document).map_err(shape_error)?;
+    compile(raw)
 }
 
 fn positive(field: &str, value: Number, max: u64, max_text: &str) -> Result<u64, ConfigError> {
     let not_positive = || ConfigError::new(field, "must be a positive integer");
     let too_big = || ConfigError::new(field, format!("must be at most {max_text}"));
-    match Value::Number(value).as_u64() {
-        Some(0) => Err(not_positive()),
-        Some(n) if n <= max => Ok(n),
-        Some(_) => Err(too_big()),
-        // Digits that overflow u64 are still a (huge) positive integer; a sign, a fraction or
-        // an exponent is not one.
-        None if value.bytes().all(|b| b.is_ascii_digit()) => Err(too_big()),
-        None => Err(not_positive()),
+    // A sign, a fraction or an exponent is not a positive integer; digits that overflow u64
+    // are still a (huge) one.
+    if value.0.is_empty() || !value.0.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(not_positive());
+    }
+    match value.0.parse::<u64>() {
+        Ok(0) => Err(not_positive()),
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(too_big()),
     }
 }
 
 fn compile_limit(field: &str, raw: &RawLimit<'_>, fallback: Limit) -> Result<Limit, ConfigError> {
-    let requests = match &raw.num_requests_allowed {
+    let requests = match raw.num_requests_allowed {
         Some(n) => positive(
             &format!("{field}.numRequestsAllowed"),
             n,
@@ -488,7 +470,7 @@ fn compile_limit(field: &str, raw: &RawLimit<'_>, fallback: Limit) -> Result<Lim
         )? as u32,
         None => fallback.requests.get(),
     };
-    let interval_ms = match &raw.interval_time_in_ms {
+    let interval_ms = match raw.interval_time_in_ms {
         Some(n) => positive(
             &format!("{field}.intervalTimeInMS"),
             n,
@@ -516,9 +498,9 @@ fn absolute_path(field: &str, value: &str) -> Result<(), ConfigError> {
 }
 
 fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
-    let enabled = raw.enabled.unwrap_or(true);
-    let development = raw.development.unwrap_or(false);
-    let enabled_in_development = raw.enabled_in_development.unwrap_or(true);
+    let enabled = flag(raw.enabled, true);
+    let development = flag(raw.development, false);
+    let enabled_in_development = flag(raw.enabled_in_development, true);
 
     let mut api_prefix = raw.api_prefix.unwrap_or_else(|| "/api/v1/".to_string());
     absolute_path("api_prefix", &api_prefix)?;
@@ -534,7 +516,7 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
     }
 
     let default = match &raw.default {
-        Some(d) => compile_limit("default", d, Limit::ROCKETCHAT_DEFAULT)?,
+        Some(Object(d)) => compile_limit("default", d, Limit::ROCKETCHAT_DEFAULT)?,
         None => Limit::ROCKETCHAT_DEFAULT,
     };
 
@@ -561,7 +543,13 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
                 .map_err(|reason| ConfigError::new("preset", reason))?;
         }
     }
-    for (index, route) in raw.routes.unwrap_or_default().into_iter().enumerate() {
+    for (index, Object(route)) in raw
+        .routes
+        .map(|List(routes)| routes)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         let field = format!("routes[{index}]");
         let path = route
             .path
@@ -602,7 +590,7 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
             .map_err(|reason| ConfigError::new(format!("{field}.path"), reason))?;
     }
 
-    let max_tracked_clients = match &raw.max_tracked_clients {
+    let max_tracked_clients = match raw.max_tracked_clients {
         Some(n) => {
             let n = positive(
                 "max_tracked_clients",
@@ -622,19 +610,23 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
     };
 
     let bypass = match raw.bypass {
-        Some(b) => Some(compile_bypass(b)?),
+        Some(Object(b)) => Some(compile_bypass(b)?),
         None => None,
     };
 
     Ok(Config {
         limiting: enabled && (!development || enabled_in_development),
-        dry_run: raw.dry_run.unwrap_or(false),
-        retry_after: raw.retry_after.unwrap_or(true),
+        dry_run: flag(raw.dry_run, false),
+        retry_after: flag(raw.retry_after, true),
         // Rounded down to whole sets so the bound is never exceeded.
         max_tracked_clients: max_tracked_clients / WAYS_PER_SET * WAYS_PER_SET,
         routes: table.build(),
         bypass,
     })
+}
+
+fn flag(value: Option<Flag>, default: bool) -> bool {
+    value.map_or(default, |Flag(b)| b)
 }
 
 fn non_empty(field: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
@@ -651,6 +643,7 @@ fn compile_bypass(raw: RawBypass<'_>) -> Result<BypassConfig, ConfigError> {
     let permission = non_empty("bypass.permission", raw.permission, "api-bypass-rate-limit")?;
     let roles = raw
         .roles
+        .map(|List(roles)| roles)
         .unwrap_or_else(|| vec!["admin".into(), "bot".into(), "app".into()]);
     for (i, role) in roles.iter().enumerate() {
         if role.is_empty() {
@@ -780,10 +773,19 @@ mod tests {
             (r#"{"bypass":{"roles":["admin",""]}}"#, "bypass.roles[1]: must not be empty"),
             (r#"{"bypass":{"timeout_ms":0}}"#, "bypass.timeout_ms: must be a positive integer"),
             (r#"{"dry_run":1}"#, "dry_run: invalid type: integer `1`, expected a boolean"),
+            (r#"{"default":{"numRequestsAllowed":10,"x":1}}"#, "default.x: unknown field `x`, expected `numRequestsAllowed` or `intervalTimeInMS`"),
+            (r#"{"bypass":{"tiemout_ms":1}}"#, "bypass.tiemout_ms: unknown field `tiemout_ms`, expected one of `cluster`, `authority`, `permission`, `roles`, `me_path`, `permissions_path`, `service_user_id`, `service_auth_token`, `timeout_ms`, `cache_ttl_ms`, `refresh_interval_ms`"),
+            ("[true]", "configuration: must be a JSON object"),
+            (r#""{}""#, "configuration: must be a JSON object"),
+            ("null", "configuration: must be a JSON object"),
+            (r#"{"max_tracked_clients":99999999999999999999}"#, "max_tracked_clients: must be at most 10000000"),
+            (r#"{"bypass":{"cache_ttl_ms":-0}}"#, "bypass.cache_ttl_ms: must be a positive integer"),
         ];
         for (json, want) in cases {
             assert_eq!(&err(json), want, "for {json}");
         }
+        let error: Box<dyn std::error::Error> = Box::new(parse(b"[]").unwrap_err());
+        assert_eq!(error.to_string(), "configuration: must be a JSON object");
     }
 
     #[test]
@@ -797,6 +799,89 @@ mod tests {
         let c =
             parse(br#"{"bypass":{"service_user_id":"u","service_auth_token":"s3cr3t"}}"#).unwrap();
         assert!(!format!("{c:?}").contains("s3cr3t"));
+
+        // A secret (with escaped quotes, a backslash, a newline and a non-ASCII letter) in
+        // every place that does not take a string: each error says `string`, nothing more.
+        let secret = r#""s3cr3t \" \\ \n é s3cr3t""#;
+        let places = [
+            ("", "enabled", "a boolean"),
+            ("", "development", "a boolean"),
+            ("", "enabled_in_development", "a boolean"),
+            ("", "dry_run", "a boolean"),
+            ("", "retry_after", "a boolean"),
+            ("", "default", "an object"),
+            ("", "routes", "a sequence"),
+            ("", "max_tracked_clients", "a JSON number"),
+            ("", "bypass", "an object"),
+            ("default", "numRequestsAllowed", "a JSON number"),
+            ("default", "intervalTimeInMS", "a JSON number"),
+            ("bypass", "roles", "a sequence"),
+            ("bypass", "timeout_ms", "a JSON number"),
+            ("bypass", "cache_ttl_ms", "a JSON number"),
+            ("bypass", "refresh_interval_ms", "a JSON number"),
+        ];
+        for (parent, name, expected) in places {
+            let (json, field) = if parent.is_empty() {
+                (format!(r#"{{"{name}":{secret}}}"#), name.to_string())
+            } else {
+                (
+                    format!(r#"{{"{parent}":{{"{name}":{secret}}}}}"#),
+                    format!("{parent}.{name}"),
+                )
+            };
+            assert_eq!(
+                err(&json),
+                format!("{field}: invalid type: string, expected {expected}")
+            );
+        }
+        let in_lists = [
+            (
+                format!(r#"{{"routes":[{secret}]}}"#),
+                "routes[0]: invalid type: string, expected an object",
+            ),
+            (
+                format!(r#"{{"routes":[{{"path":"/api/v1/x","rateLimiterOptions":{secret}}}]}}"#),
+                "routes[0].rateLimiterOptions: invalid type: string, expected an object or false",
+            ),
+            (
+                format!(r#"{{"routes":[{{"path":"/api/v1/x","rateLimiterOptions":{{"numRequestsAllowed":{secret}}}}}]}}"#),
+                "routes[0].rateLimiterOptions.numRequestsAllowed: invalid type: string, expected a JSON number",
+            ),
+        ];
+        for (json, want) in in_lists {
+            assert_eq!(err(&json), want);
+        }
+    }
+
+    /// The guard behind the types: whatever serde would quote after `string` is cut out, its
+    /// escaped quotes included.
+    #[test]
+    fn quoted_strings_are_cut_from_messages() {
+        let cases = [
+            (
+                r#"invalid type: string "s3cr3t", expected a boolean"#,
+                "invalid type: string, expected a boolean",
+            ),
+            (
+                r#"invalid type: string "a\"b, expected x\\\" s3cr3t", expected a boolean"#,
+                "invalid type: string, expected a boolean",
+            ),
+            (
+                r#"invalid value: string "\\", expected one of string "x""#,
+                "invalid value: string, expected one of string",
+            ),
+            (
+                r#"invalid type: string "s3cr3t \"never closed"#,
+                "invalid type: string",
+            ),
+            (
+                "invalid type: map, expected a boolean",
+                "invalid type: map, expected a boolean",
+            ),
+        ];
+        for (message, want) in cases {
+            assert_eq!(redact_strings(message), want, "for {message}");
+        }
     }
 
     #[test]
@@ -886,13 +971,13 @@ mod tests {
         );
     }
 
-    /// The first mistake in document order is the one reported, as serde reported it.
+    /// The first mistake in document order is the one reported, with serde's wording.
     #[test]
     fn nested_shape_errors_name_their_place() {
         let cases: &[(&str, &str)] = &[
             (r#"{"default":{"numRequestsAllowed":1,"numRequestsAllowed":2}}"#, "default: duplicate field `numRequestsAllowed`"),
             (r#"{"bypass":{"roles":["admin",7]}}"#, "bypass.roles[1]: invalid type: integer `7`, expected a string"),
-            (r#"{"bypass":{"cluster":1.5e3}}"#, "bypass.cluster: invalid type: floating point `1.5e3`, expected a string"),
+            (r#"{"bypass":{"cluster":1.5e3}}"#, "bypass.cluster: invalid type: floating point `1500.0`, expected a string"),
             (r#"{"routes":[7]}"#, "routes[0]: invalid type: integer `7`, expected an object"),
             (r#"{"routes":[{"rateLimiterOptions":"x"}]}"#, "routes[0].rateLimiterOptions: invalid type: string, expected an object or false"),
             (r#"{"default":[]}"#, "default: invalid type: sequence, expected an object"),
@@ -901,6 +986,21 @@ mod tests {
             (r#"{"default":{"numRequestsAllowed":99999999999999999999999}}"#, "default.numRequestsAllowed: must be at most 2147483647"),
             (r#"{"default":{"numRequestsAllowed":1e3}}"#, "default.numRequestsAllowed: must be a positive integer"),
             ("{\n\"enabled\": tru }", "configuration: not valid JSON (expected ident at line 2 column 15)"),
+            // A derived struct would read an array as its fields in order: not here.
+            (r#"{"routes":[["/api/v1/x","GET",false]]}"#, "routes[0]: invalid type: sequence, expected an object"),
+            (r#"{"routes":[{"path":"/api/v1/x","rateLimiterOptions":{"y":1}}]}"#, "routes[0].rateLimiterOptions.y: unknown field `y`, expected `numRequestsAllowed` or `intervalTimeInMS`"),
+            (r#"{"routes":[{"path":"/api/v1/x","rateLimiterOptions":[]}]}"#, "routes[0].rateLimiterOptions: invalid type: sequence, expected an object or false"),
+            (r#"{"max_tracked_clients":[1]}"#, "max_tracked_clients: invalid type: sequence, expected a JSON number"),
+            (r#"{"max_tracked_clients":true}"#, "max_tracked_clients: invalid type: boolean `true`, expected a JSON number"),
+            (r#"{"bypass":{"roles":["admin",null]}}"#, "bypass.roles[1]: invalid type: null, expected a string"),
+            // Syntax is checked first, over the whole document: a syntax error after a shape
+            // mistake is the one reported.
+            (r#"{"enabled":"x", oops}"#, "configuration: not valid JSON (key must be a string at line 1 column 17)"),
+            // The one number the syntax check lets through but serde_json cannot read: out of
+            // f64 range. As a number field it is judged as written, elsewhere it is named.
+            (r#"{"default":{"intervalTimeInMS":1e400}}"#, "default.intervalTimeInMS: must be a positive integer"),
+            (r#"{"enabled":1e400}"#, "enabled: not valid JSON (number out of range at line 1 column 16)"),
+            (r#"{"enabled":true,"enabled":"s3cr3t"}"#, "configuration: duplicate field `enabled`"),
         ];
         for (json, want) in cases {
             assert_eq!(&err(json), want, "for {json}");
