@@ -11,9 +11,16 @@
 #![allow(deprecated)] // core's SipHasher: see fingerprint.rs.
 
 use core::hash::{Hasher, SipHasher};
+use std::collections::BTreeSet;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::value::{MapAccessDeserializer, StrDeserializer};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::fingerprint::Seed;
-use crate::json::{self, Value};
 
 /// Slots of the user cache. Each costs Envoy ~150 bytes plus the value (roles).
 pub const USER_CACHE_SLOTS: u32 = 16_384;
@@ -147,51 +154,137 @@ pub enum MeAnswer {
     Failure,
 }
 
-/// The members of an answer object, or `None` if the answer is not a JSON object. A repeated
-/// member makes the answer unusable: two `_id`s or two role lists cannot both be believed.
-fn answer_members<'v, 'a>(value: &'v Value<'a>) -> Option<&'v [(String, Value<'a>)]> {
-    let Value::Object(members) = value else {
-        return None;
-    };
-    for (i, (name, _)) in members.iter().enumerate() {
-        if members.iter().skip(i + 1).any(|(other, _)| other == name) {
-            return None;
+// ---------------------------------------------------------------------------------------------
+// The answers, read with serde. Unknown members are skipped (Rocket.Chat sends many); every
+// member the filter reads has its type checked, and a malformed answer is no answer.
+
+/// `GET me_path`: `{"_id": .., "roles": [..], "success": true, ...}`.
+#[derive(Deserialize)]
+struct MeBody {
+    #[serde(rename = "_id")]
+    id: Option<String>,
+    roles: Option<Roles>,
+    success: Option<bool>,
+}
+
+/// `GET permissions_path`: `{"update": [{"_id": .., "roles": [..]}, ..], "success": true}`.
+#[derive(Deserialize)]
+struct PermissionsBody {
+    update: Option<Vec<Answer<PermissionEntry>>>,
+    success: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct PermissionEntry {
+    #[serde(rename = "_id")]
+    id: Option<String>,
+    roles: Option<Roles>,
+}
+
+/// Reads one answer object: JSON as a whole (UTF-8 everywhere, nothing after it), an object
+/// (not an array, which a derived struct would also take), no member twice.
+fn read_answer<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Option<T> {
+    // serde_json checks the strings it reads; the members it skips are checked here, so that
+    // an answer is either valid JSON as a whole or no answer.
+    let text = std::str::from_utf8(body).ok()?;
+    serde_json::from_str::<Answer<T>>(text)
+        .ok()
+        .map(|Answer(answer)| answer)
+}
+
+/// An answer object read by `T`'s derived `Deserialize`, through [`UniqueMembers`].
+struct Answer<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Answer<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AnswerVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for AnswerVisitor<T> {
+            type Value = Answer<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Answer<T>, A::Error> {
+                let members = UniqueMembers {
+                    map,
+                    seen: BTreeSet::new(),
+                };
+                T::deserialize(MapAccessDeserializer::new(members)).map(Answer)
+            }
         }
-    }
-    Some(members)
-}
-
-fn member<'v, 'a>(members: &'v [(String, Value<'a>)], name: &str) -> Option<&'v Value<'a>> {
-    members
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v)
-        .filter(|v| !matches!(v, Value::Null))
-}
-
-/// `success: false` marks an answer as unusable; `success` of another type is malformed.
-fn failed(members: &[(String, Value)]) -> Option<bool> {
-    match member(members, "success") {
-        None | Some(Value::Bool(true)) => Some(false),
-        Some(Value::Bool(false)) => Some(true),
-        Some(_) => None,
+        deserializer.deserialize_map(AnswerVisitor(PhantomData))
     }
 }
 
-/// A role list: string entries kept (those `keep` accepts), others skipped; `None` if `value`
-/// is not a list. Absent means no roles.
-fn role_list(value: Option<&Value>, keep: impl Fn(&str) -> bool) -> Option<Vec<String>> {
-    match value {
-        None => Some(Vec::new()),
-        Some(Value::Array(items)) => Some(
-            items
-                .iter()
-                .filter_map(Value::as_str)
-                .filter(|r| keep(r))
-                .map(str::to_string)
-                .collect(),
-        ),
-        Some(_) => None,
+/// The members of an answer object, refused if one is repeated, whether the filter reads it
+/// or not: two `_id`s or two role lists cannot both be believed (serde_json would keep the
+/// last one, serde's derive refuses repeats only of the members it reads).
+struct UniqueMembers<A> {
+    map: A,
+    seen: BTreeSet<String>,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for UniqueMembers<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let Some(name) = self.map.next_key::<String>()? else {
+            return Ok(None);
+        };
+        let key = seed.deserialize(StrDeserializer::<A::Error>::new(&name))?;
+        if !self.seen.insert(name) {
+            return Err(de::Error::custom("repeated member"));
+        }
+        Ok(Some(key))
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.map.size_hint()
+    }
+}
+
+/// A role list: its string entries, other entries skipped. Not a list: malformed.
+struct Roles(Vec<String>);
+
+impl<'de> Deserialize<'de> for Roles {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RolesVisitor;
+        impl<'de> Visitor<'de> for RolesVisitor {
+            type Value = Roles;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of roles")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Roles, A::Error> {
+                let mut roles = Vec::new();
+                while let Some(RoleEntry(entry)) = seq.next_element()? {
+                    roles.extend(entry);
+                }
+                Ok(Roles(roles))
+            }
+        }
+        deserializer.deserialize_seq(RolesVisitor)
+    }
+}
+
+/// One entry of a role list: a string, or `None` for anything else (skipped, not an error,
+/// whatever it holds: its syntax is checked, its value not read, so `1e400` is skipped too).
+struct RoleEntry(Option<String>);
+
+impl<'de> Deserialize<'de> for RoleEntry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = <&'de RawValue>::deserialize(deserializer)?.get();
+        if !raw.starts_with('"') {
+            return Ok(RoleEntry(None));
+        }
+        serde_json::from_str(raw)
+            .map(|role| RoleEntry(Some(role)))
+            .map_err(de::Error::custom)
     }
 }
 
@@ -202,28 +295,24 @@ pub fn parse_me(status: Option<u16>, body: &[u8], user_id: &[u8]) -> MeAnswer {
         Some(401) | Some(403) => return MeAnswer::NotAuthenticated,
         _ => return MeAnswer::Failure,
     }
-    let Ok(document) = json::parse(body) else {
+    let Some(me) = read_answer::<MeBody>(body) else {
         return MeAnswer::Failure;
     };
-    let Some(members) = answer_members(&document) else {
+    if me.success == Some(false) {
         return MeAnswer::Failure;
-    };
-    match failed(members) {
-        Some(false) => {}
-        _ => return MeAnswer::Failure,
     }
-    let Some(roles) = role_list(member(members, "roles"), |_| true) else {
-        return MeAnswer::Failure;
-    };
-    match member(members, "_id") {
-        Some(Value::String(id)) if id.as_bytes() == user_id => MeAnswer::Roles(roles),
-        Some(Value::String(_)) => MeAnswer::NotAuthenticated,
-        _ => MeAnswer::Failure,
+    match me.id {
+        Some(id) if id.as_bytes() == user_id => {
+            MeAnswer::Roles(me.roles.map(|Roles(roles)| roles).unwrap_or_default())
+        }
+        Some(_) => MeAnswer::NotAuthenticated,
+        None => MeAnswer::Failure,
     }
 }
 
 /// The roles holding `permission`, from a `permissions.listAll` answer (SPEC §5.2); `None` if
 /// the answer is unusable or does not list the permission (the previous roles then stay).
+/// One malformed entry makes the whole answer unusable rather than half-read.
 pub fn parse_permissions(
     status: Option<u16>,
     body: &[u8],
@@ -232,32 +321,22 @@ pub fn parse_permissions(
     if status != Some(200) {
         return None;
     }
-    let document = json::parse(body).ok()?;
-    let members = answer_members(&document)?;
-    if failed(members)? {
+    let answer = read_answer::<PermissionsBody>(body)?;
+    if answer.success == Some(false) {
         return None;
     }
-    let Value::Array(entries) = member(members, "update")? else {
-        return None;
-    };
-    // Every entry must be well-formed, as before: one malformed entry makes the answer unusable
-    // rather than half-read.
-    let mut found = None;
-    for entry in entries {
-        let fields = answer_members(entry)?;
-        let id = match member(fields, "_id") {
-            None => None,
-            Some(Value::String(id)) => Some(id.as_str()),
-            Some(_) => return None,
-        };
-        let roles = role_list(member(fields, "roles"), |r| {
-            !r.is_empty() && !r.contains('\n')
-        })?;
-        if found.is_none() && id == Some(permission) {
-            found = Some(roles);
-        }
-    }
-    found
+    let Answer(entry) = answer
+        .update?
+        .into_iter()
+        .find(|Answer(entry)| entry.id.as_deref() == Some(permission))?;
+    let Roles(roles) = entry.roles.unwrap_or(Roles(Vec::new()));
+    // Roles are stored joined by '\n' (`SharedRoles::encode`).
+    Some(
+        roles
+            .into_iter()
+            .filter(|r| !r.is_empty() && !r.contains('\n'))
+            .collect(),
+    )
 }
 
 /// SPEC §5.4: bypass = the user's roles intersect the bypass roles.
@@ -443,6 +522,129 @@ mod tests {
         );
         assert_eq!(parse_permissions(Some(200), b"nope", "x"), None);
         assert_eq!(parse_permissions(Some(200), br#"{"update":5}"#, "x"), None);
+    }
+
+    /// Every way an answer can be malformed or odd, and what it means; the same as the JSON
+    /// reader before serde (checked against it case by case).
+    #[test]
+    fn me_answers_edge_cases() {
+        use MeAnswer::*;
+        let roles = |v: &[&str]| Roles(s(v));
+        let cases: &[(&[u8], MeAnswer)] = &[
+            (br#"{"_id":"u1"}"#, roles(&[])),
+            (br#"{"_id":"u1","roles":null,"success":null}"#, roles(&[])),
+            (br#"{"_id":"u1","roles":["", "a\nb", {"x":[1]}, [2], true, 1.5, -1]}"#, roles(&["", "a\nb"])),
+            (br#"{"_id":"u1","roles":"admin"}"#, Failure),
+            (br#"{"_id":"u1","roles":{"0":"admin"}}"#, Failure),
+            (br#"{"_id":"u1","success":"true"}"#, Failure),
+            (br#"{"_id":"u1","success":1}"#, Failure),
+            (br#"{"_id":"u1","success":true}"#, roles(&[])),
+            (br#"{"_id":null,"roles":["admin"]}"#, Failure),
+            (br#"{"_id":["u1"],"roles":["admin"]}"#, Failure),
+            (br#"{"_id":"u2","success":false}"#, Failure),
+            (br#"{"_id":"u2","roles":"x"}"#, Failure),
+            (br#"{"_id":"u1","_id":"u1","roles":["admin"]}"#, Failure),
+            (br#"{"_id":"u1","roles":["admin"],"roles":[]}"#, Failure),
+            (br#"{"_id":"u1","roles":["admin"],"name":"a","name":"b"}"#, Failure),
+            (br#"{"_id":"u1","roles":["admin"],"settings":{"a":1,"a":2}}"#, roles(&["admin"])),
+            (br#"{"_id":"u1","roles":["admin"],"emails":[{"address":"a@b"}],"active":true,"utcOffset":1.5,"x":null}"#, roles(&["admin"])),
+            (b"{\"_id\":\"u1\",\"roles\":[\"admin\"],\"name\":\"\xff\"}", Failure),
+            (b"{\"_id\":\"u1\",\"roles\":[\"admin\"]}\xff", Failure),
+            (br#"{"_id":"u1","roles":["admin"]} x"#, Failure),
+            (br#" {"_id":"u1","roles":["admin"]} "#, roles(&["admin"])),
+            (br#"["u1",["admin"],true]"#, Failure),
+            (br#""u1""#, Failure),
+            (b"", Failure),
+            (br#"{"_id":"u\u0031","roles":["adm\u0069n"]}"#, roles(&["admin"])),
+            (br#"{"_id":"u1","roles":["admin"],"name":"\u00e9\ud83d\ude00"}"#, roles(&["admin"])),
+            (br#"{"_id":"u1","roles":["admin"],}"#, Failure),
+            (br#"{"_id":"u1","roles":["admin",1e400,-0.0e-999]}"#, roles(&["admin"])),
+            (br#"{"_id":"u1","roles":["admin","\ud800"]}"#, Failure),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                &parse_me(Some(200), body, b"u1"),
+                want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(parse_me(Some(403), b"", b"u1"), NotAuthenticated);
+        assert_eq!(parse_me(Some(204), br#"{"_id":"u1"}"#, b"u1"), Failure);
+        assert_eq!(
+            parse_me(Some(200), br#"{"_id":"u1"}"#, b""),
+            NotAuthenticated
+        );
+        // Two deliberate differences from the reader before serde, both in members the filter
+        // skips: serde_json skips a value by its syntax alone, without recursion, so neither
+        // a lone surrogate escape nor nesting deeper than 128 makes the answer unusable.
+        assert_eq!(
+            parse_me(
+                Some(200),
+                br#"{"_id":"u1","roles":["admin"],"x":"\ud800"}"#,
+                b"u1"
+            ),
+            roles(&["admin"])
+        );
+        let deep = format!(
+            r#"{{"_id":"u1","roles":["admin"],"x":{}{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert_eq!(
+            parse_me(Some(200), deep.as_bytes(), b"u1"),
+            roles(&["admin"])
+        );
+        let deep = format!(
+            r#"{{"_id":"u1","roles":["admin",{}{}]}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert_eq!(
+            parse_me(Some(200), deep.as_bytes(), b"u1"),
+            roles(&["admin"])
+        );
+        let unclosed = format!(r#"{{"_id":"u1","x":{}"#, "[{\"a\":".repeat(100_000));
+        assert_eq!(parse_me(Some(200), unclosed.as_bytes(), b"u1"), Failure);
+    }
+
+    #[test]
+    fn permissions_answers_edge_cases() {
+        let p = "api-bypass-rate-limit";
+        let cases: &[(&[u8], Option<Vec<String>>)] = &[
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["admin","","a\nb",7,null,"bot"]}]}"#, Some(s(&["admin", "bot"]))),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit"}]}"#, Some(vec![])),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":null}]}"#, Some(vec![])),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"]},{"_id":"api-bypass-rate-limit","roles":["b"]}]}"#, Some(s(&["a"]))),
+            (br#"{"update":[{"roles":["x"]},{"_id":null},{"_id":"api-bypass-rate-limit","roles":["a"],"_updatedAt":{"$date":1}}]}"#, Some(s(&["a"]))),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"]},5]}"#, None),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"]},{"_id":5}]}"#, None),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"]},{"_id":"x","roles":"y"}]}"#, None),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"],"roles":["b"]}]}"#, None),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"],"x":1,"x":2}]}"#, None),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"]}],"remove":[],"remove":[]}"#, None),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"]}],"success":false}"#, None),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"]}],"success":"yes"}"#, None),
+            (br#"{"update":[{"_id":"api-bypass-rate-limit","roles":["a"]}],"success":true}"#, Some(s(&["a"]))),
+            (br#"{"update":null}"#, None),
+            (br#"{"update":[]}"#, None),
+            (br#"{}"#, None),
+            (br#"{"update":{"_id":"api-bypass-rate-limit","roles":["a"]}}"#, None),
+            (br#"[{"_id":"api-bypass-rate-limit","roles":["a"]}]"#, None),
+            (b"{\"update\":[{\"_id\":\"api-bypass-rate-limit\",\"roles\":[\"a\"]}],\"x\":\"\xc3\"}", None),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                &parse_permissions(Some(200), body, p),
+                want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(
+            parse_permissions(None, br#"{"update":[{"_id":"x","roles":["a"]}]}"#, "x"),
+            None
+        );
     }
 
     #[test]
