@@ -90,7 +90,7 @@ test: tools lint unit fuzz-smoke e2e
 
 # --- hardening (issue 6) ----------------------------------------------------------------------
 
-FUZZ_TARGETS := config_parse json_reader route_match callout_answers counter_set
+FUZZ_TARGETS := config_parse route_match callout_answers counter_set
 FUZZ_SECONDS ?= 150
 SOAK_SECONDS ?= 600
 # cargo fuzz passes nightly-only flags (sanitizer coverage); this machine has a stable

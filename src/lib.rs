@@ -11,7 +11,6 @@ pub mod config;
 pub mod decision;
 pub mod fingerprint;
 pub mod headers;
-pub mod json;
 pub mod limiter;
 pub mod metrics;
 pub mod response;
