@@ -6,9 +6,10 @@ use std::borrow::Cow;
 use crate::client::client_ip;
 use crate::config::Config;
 use crate::fingerprint::{fingerprint, Seed};
-use crate::limiter::{set_index, Limit, Verdict};
+use crate::limiter::{self, set_index, Limit, Set, Verdict};
+use crate::metrics::Events;
 use crate::route::{normalise_path, Route};
-use crate::store::{self, CountOutcome, CountResult, SharedStore};
+use crate::store::{self, SharedStore, Step, Updated};
 
 /// A request that is to be counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,17 +80,8 @@ pub enum Action {
     FailOpen,
 }
 
-/// Metric events of one counted request, applied by the adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Events {
-    pub cas_retries: u32,
-    pub collision: bool,
-    pub new_slot: bool,
-    pub store_error: bool,
-}
-
-/// Counts the request in the store and says what to do.
-pub fn count_request<S: SharedStore>(
+/// Counts the request in its counter set (one [`store::update`]) and says what to do.
+pub fn count_request<S: SharedStore + ?Sized>(
     config: &Config,
     store: &S,
     key_buf: &mut String,
@@ -98,24 +90,28 @@ pub fn count_request<S: SharedStore>(
     now_ms: u64,
 ) -> (Action, Events) {
     store::set_key(key_buf, config.counter_sets(), countable.set);
-    let CountResult { outcome, retries } = store::count(
-        store,
-        key_buf,
-        value_buf,
-        countable.fingerprint,
-        countable.limit,
-        now_ms,
-    );
+    let Updated { result, retries } = store::update(store, key_buf, value_buf, |bytes| {
+        let decision = limiter::decide(
+            &Set::decode(bytes),
+            countable.fingerprint,
+            countable.limit,
+            now_ms,
+        );
+        match decision.write {
+            Some(next) => Step::Write(next.encode(), decision),
+            None => Step::Keep(decision),
+        }
+    });
     let mut events = Events {
         cas_retries: retries,
         ..Events::default()
     };
-    let action = match outcome {
-        CountOutcome::Failed(_) => {
+    let action = match result {
+        Err(_) => {
             events.store_error = true;
             Action::FailOpen
         }
-        CountOutcome::Decided(d) => {
+        Ok(d) => {
             events.collision = d.collision;
             events.new_slot = d.new_slot;
             match d.verdict {
@@ -307,5 +303,27 @@ mod tests {
             run(&config, &store, "GET", "/api/v1/rooms/c/x", "1.1.1.1:1", 5),
             Some(Action::Reject { .. })
         ));
+    }
+
+    #[test]
+    fn contention_is_retried_and_endless_contention_fails_open() {
+        let config = parse(b"").unwrap();
+        let store = MemoryStore::default();
+        ensure_table(&store, config.counter_sets()).unwrap();
+        let c = classify(&config, Seed(7, 9), b"GET", b"/api/v1/x", || {
+            Some(b"1.1.1.1:1".to_vec())
+        })
+        .unwrap();
+        let mut key = String::new();
+        *store.contend.borrow_mut() = 3;
+        let (action, events) = count_request(&config, &store, &mut key, &mut Vec::new(), &c, 5);
+        assert!(matches!(action, Action::Pass { remaining: 9, .. }));
+        assert_eq!(events.cas_retries, 3);
+        assert!(events.new_slot && !events.store_error);
+        *store.contend.borrow_mut() = u32::MAX;
+        let (action, events) = count_request(&config, &store, &mut key, &mut Vec::new(), &c, 5);
+        assert_eq!(action, Action::FailOpen);
+        assert!(events.store_error);
+        assert_eq!(events.cas_retries, store::MAX_CAS_ATTEMPTS);
     }
 }

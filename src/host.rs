@@ -93,6 +93,18 @@ extern "C" {
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
 }
 
 /// Takes ownership of a host-allocated buffer (allocated through the SDK's
@@ -223,10 +235,10 @@ pub fn property(path: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Sends a local reply; `false` if the host refused.
-pub fn send_local_response(
+pub fn send_local_response<V: AsRef<[u8]>>(
     status: u32,
     details: &str,
-    headers: &[(&str, &str)],
+    headers: &[(&str, V)],
     body: &[u8],
 ) -> bool {
     let headers = crate::headers::serialize(headers);
@@ -274,6 +286,35 @@ pub fn set_effective_context(context_id: u32) -> bool {
 pub fn resume_http_request() -> bool {
     // SAFETY: plain value; 0 is the request stream.
     unsafe { proxy_continue_stream(0) == OK }
+}
+
+/// Dispatches an HTTP callout to `cluster`; its answer arrives in
+/// `proxy_on_http_call_response` with the returned token. `Err(status)` for any status but
+/// Ok (an unknown cluster is BadArgument in Envoy): the caller treats it as a failed lookup.
+pub fn http_call(cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, u32> {
+    let headers = crate::headers::serialize(headers);
+    let trailers = crate::headers::serialize::<&str>(&[]);
+    let mut token = 0;
+    // SAFETY: pointers and lengths of live buffers; out-pointer to a local.
+    let status = unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            headers.as_ptr(),
+            headers.len(),
+            std::ptr::null(),
+            0,
+            trailers.as_ptr(),
+            trailers.len(),
+            u32::try_from(timeout_ms).unwrap_or(u32::MAX),
+            &mut token,
+        )
+    };
+    if status == OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
 }
 
 /// The HTTP status of the callout answer being delivered, if any.

@@ -1,9 +1,10 @@
 //! rocketchat-ratelimit-wasm: Rocket.Chat's REST API rate limits, enforced at the edge by a
 //! proxy-wasm filter in Envoy or Istio. See README.md and SPEC.
 //!
-//! Pure logic (configuration, routing, counting, responses) lives in modules free of
-//! proxy-wasm and is tested natively; `host` and `filter` are the adapter to Envoy and exist
-//! only in the wasm build.
+//! Pure logic (configuration, routing, counting, the bypass lookups and parked requests,
+//! responses) lives in modules free of proxy-wasm and is tested natively; `abi` (the entry
+//! points the host calls), `host` (the calls into the host) and `filter` (the adapter between
+//! them and the pure modules) exist only in the wasm build. See README "Architecture".
 
 pub mod bypass;
 pub mod client;
@@ -12,11 +13,15 @@ pub mod decision;
 pub mod fingerprint;
 pub mod headers;
 pub mod limiter;
+pub mod lookup;
 pub mod metrics;
+pub mod parking;
 pub mod response;
 pub mod route;
 pub mod store;
 
+#[cfg(target_arch = "wasm32")]
+mod abi;
 #[cfg(target_arch = "wasm32")]
 mod filter;
 #[cfg(target_arch = "wasm32")]

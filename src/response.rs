@@ -12,6 +12,62 @@ pub fn too_many_requests_body(wait_s: u64) -> String {
     )
 }
 
+/// The `x-ratelimit-*` values of a counted request, added in its response phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitHeaders {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset_ms: u64,
+}
+
+impl RateLimitHeaders {
+    /// Header names and values, as every counted response carries them (SPEC §1).
+    pub fn values(&self) -> [(&'static str, Decimal); 3] {
+        [
+            ("x-ratelimit-limit", Decimal::new(u64::from(self.limit))),
+            (
+                "x-ratelimit-remaining",
+                Decimal::new(u64::from(self.remaining)),
+            ),
+            ("x-ratelimit-reset", Decimal::new(self.reset_ms)),
+        ]
+    }
+}
+
+/// A reply the filter sends itself instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+/// The 429 of SPEC §1: Rocket.Chat's body, the `x-ratelimit-*` headers with remaining 0, and
+/// `retry-after` (seconds, the body's N) when configured.
+pub fn too_many_requests(limit: u32, reset_ms: u64, now_ms: u64, retry_after: bool) -> LocalReply {
+    let wait = wait_seconds(reset_ms, now_ms);
+    let mut headers = vec![("content-type", "application/json".to_string())];
+    let counted = RateLimitHeaders {
+        limit,
+        remaining: 0,
+        reset_ms,
+    };
+    headers.extend(
+        counted
+            .values()
+            .iter()
+            .map(|(name, value)| (*name, value.as_str().to_string())),
+    );
+    if retry_after {
+        headers.push(("retry-after", Decimal::new(wait).as_str().to_string()));
+    }
+    LocalReply {
+        status: 429,
+        headers,
+        body: too_many_requests_body(wait),
+    }
+}
+
 /// Decimal digits of `n` in a stack buffer: header values without a heap allocation.
 pub struct Decimal {
     buf: [u8; 20],
@@ -51,6 +107,27 @@ mod tests {
             too_many_requests_body(42),
             r#"{"success":false,"error":"Error, too many requests. Please slow down. You must wait 42 seconds before trying this endpoint again. [error-too-many-requests]"}"#
         );
+    }
+
+    #[test]
+    fn the_429_carries_rocketchats_headers() {
+        let reply = too_many_requests(10, 60_000, 1_500, true);
+        assert_eq!(reply.status, 429);
+        let h = |name: &str| {
+            reply
+                .headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h("content-type"), Some("application/json"));
+        assert_eq!(h("x-ratelimit-limit"), Some("10"));
+        assert_eq!(h("x-ratelimit-remaining"), Some("0"));
+        assert_eq!(h("x-ratelimit-reset"), Some("60000"));
+        assert_eq!(h("retry-after"), Some("59"));
+        assert_eq!(reply.body, too_many_requests_body(59));
+        let quiet = too_many_requests(10, 60_000, 1_500, false);
+        assert!(quiet.headers.iter().all(|(n, _)| *n != "retry-after"));
     }
 
     #[test]

@@ -1,14 +1,15 @@
-//! The counter store: one seam between the limiter and wherever counts live (today Envoy's
-//! shared data; SPEC §10 plans a second backend behind the same seam).
+//! Shared records: the one place that reads and writes Envoy's shared data with
+//! compare-and-swap ([`update`]), behind the [`SharedStore`] trait (the host in the wasm
+//! build, a map with Envoy's CAS semantics in native tests).
 //!
 //! Envoy's shared data has a trap: `set` with cas 0 is unconditional, and that is what a
 //! first write of a missing key must use. Two workers creating the same key at once would
-//! lose one update. So every counter key is created *before* traffic, at configure time
-//! ([`ensure_table`]), and the request path only ever writes with the CAS of a real read.
+//! lose one update. So every key is created *before* traffic, at configure time
+//! ([`ensure_table`], [`create_if_missing`]), and the request path only ever writes with the
+//! CAS of a real read.
 
 use std::num::NonZeroU32;
 
-use crate::limiter::{self, Limit, Set, Verdict};
 use crate::response::Decimal;
 
 /// Errors a store reports. Everything the host can answer maps to one of these.
@@ -33,28 +34,26 @@ pub trait SharedStore {
 /// this bound is only reached under pathological contention.
 pub const MAX_CAS_ATTEMPTS: u32 = 64;
 
-/// Placeholder value of a created, never-used counter key (decodes as an empty set).
-pub const EMPTY_SET: &[u8] = &[0];
+/// Placeholder value of a created, never-written record. Every record's decoder reads it as
+/// "empty" (an empty counter set, an empty user-cache slot, no shared roles yet).
+pub const EMPTY: &[u8] = &[0];
 
-/// What counting a request decided (the limiter's decision, once written).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counted {
-    pub verdict: Verdict,
-    pub collision: bool,
-    pub new_slot: bool,
+/// What an update step does after seeing the current value of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step<W, T> {
+    /// Leave the record as it is, and answer `T`.
+    Keep(T),
+    /// Write `W` in place of the value seen (with its CAS), then answer `T`.
+    Write(W, T),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CountOutcome {
-    Decided(Counted),
-    /// The store failed or contention outlasted the retries: let the request through.
-    Failed(StoreError),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CountResult {
-    pub outcome: CountOutcome,
-    /// CAS mismatches retried.
+/// The result of [`update`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Updated<T> {
+    /// The step's answer once it held, or why the store gave up (the caller lets the request
+    /// through and counts a `store_errors`).
+    pub result: Result<T, StoreError>,
+    /// CAS mismatches retried (the `cas_retries` metric).
     pub retries: u32,
 }
 
@@ -73,71 +72,79 @@ pub fn ready_key(sets: NonZeroU32) -> String {
     format!("rlrc1:{sets}:ready")
 }
 
-/// The one get → decide → set-with-cas loop.
-pub fn count<S: SharedStore>(
+/// The one get → decide → set-with-CAS loop, for every kind of shared record (counter sets,
+/// user-cache slots, the bypass roles and their refresh lease).
+///
+/// `step` sees the record's current bytes and says what to write; a write goes with the CAS
+/// of that very read, so a record changed in between by another worker is read again and
+/// `step` runs again on the new value (at most [`MAX_CAS_ATTEMPTS`] times). `step` must
+/// therefore be a pure function of the bytes it is given.
+///
+/// A missing key (only if its table was never created; tables are created at configure
+/// time) is first created holding [`EMPTY`], with cas 0, and then read again: cas 0 is only
+/// ever used for that placeholder, never for a real update, so no count can be lost to it.
+pub fn update<S, W, T>(
     store: &S,
     key: &str,
     buf: &mut Vec<u8>,
-    fingerprint: u64,
-    limit: Limit,
-    now_ms: u64,
-) -> CountResult {
+    mut step: impl FnMut(&[u8]) -> Step<W, T>,
+) -> Updated<T>
+where
+    S: SharedStore + ?Sized,
+    W: AsRef<[u8]>,
+{
     let mut retries = 0;
+    let failed = |e, retries| Updated {
+        result: Err(e),
+        retries,
+    };
     for _ in 0..MAX_CAS_ATTEMPTS {
         let cas = match store.get(key, buf) {
             Ok(Some(cas)) => cas,
             Ok(None) => {
-                // Only if the table was never created (it is, at configure time). Creating it
-                // here with cas 0 could race another worker; the placeholder holds no counts,
-                // so at worst a concurrent first count is retried.
-                if let Err(e) = store.set(key, EMPTY_SET, 0) {
-                    return CountResult {
-                        outcome: CountOutcome::Failed(e),
-                        retries,
-                    };
+                if let Err(e) = store.set(key, EMPTY, 0) {
+                    return failed(e, retries);
                 }
                 continue;
             }
-            Err(e) => {
-                return CountResult {
-                    outcome: CountOutcome::Failed(e),
+            Err(e) => return failed(e, retries),
+        };
+        let (write, answer) = match step(buf) {
+            Step::Keep(answer) => {
+                return Updated {
+                    result: Ok(answer),
                     retries,
                 }
             }
+            Step::Write(write, answer) => (write, answer),
         };
-        let set = Set::decode(buf);
-        let decision = limiter::decide(&set, fingerprint, limit, now_ms);
-        let counted = Counted {
-            verdict: decision.verdict,
-            collision: decision.collision,
-            new_slot: decision.new_slot,
-        };
-        let Some(next) = decision.write else {
-            return CountResult {
-                outcome: CountOutcome::Decided(counted),
-                retries,
-            };
-        };
-        match store.set(key, &next.encode(), cas) {
+        match store.set(key, write.as_ref(), cas) {
             Ok(()) => {
-                return CountResult {
-                    outcome: CountOutcome::Decided(counted),
+                return Updated {
+                    result: Ok(answer),
                     retries,
                 }
             }
             Err(StoreError::CasMismatch) => retries += 1,
-            Err(e) => {
-                return CountResult {
-                    outcome: CountOutcome::Failed(e),
-                    retries,
-                }
-            }
+            Err(e) => return failed(e, retries),
         }
     }
-    CountResult {
-        outcome: CountOutcome::Failed(StoreError::CasMismatch),
-        retries,
+    failed(StoreError::CasMismatch, retries)
+}
+
+/// Creates `key` holding `initial` if it does not exist; never touches an existing value.
+/// Returns whether it created the key.
+pub fn create_if_missing<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    initial: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<bool, StoreError> {
+    if store.get(key, buf)?.is_some() {
+        return Ok(false);
     }
+    store.set(key, initial, 0)?;
+    Ok(true)
 }
 
 /// Creates the missing keys of a table of `sets` sets; never touches an existing key, so a
@@ -153,8 +160,7 @@ pub fn ensure_table<S: SharedStore>(store: &S, sets: NonZeroU32) -> Result<u32, 
     let mut key = String::new();
     for index in 0..sets.get() {
         set_key(&mut key, sets, index);
-        if store.get(&key, &mut buf)?.is_none() {
-            store.set(&key, EMPTY_SET, 0)?;
+        if create_if_missing(store, &key, EMPTY, &mut buf)? {
             created += 1;
         }
     }
@@ -177,10 +183,15 @@ pub mod memory {
         next_cas: RefCell<u32>,
         /// Fail the next N sets with a CAS mismatch (simulates another worker writing).
         pub contend: RefCell<u32>,
+        /// Every call fails with this (a host status the filter does not expect).
+        pub broken: RefCell<Option<StoreError>>,
     }
 
     impl SharedStore for MemoryStore {
         fn get(&self, key: &str, buf: &mut Vec<u8>) -> Result<Option<u32>, StoreError> {
+            if let Some(e) = *self.broken.borrow() {
+                return Err(e);
+            }
             buf.clear();
             Ok(self.map.borrow().get(key).map(|(v, cas)| {
                 buf.extend_from_slice(v);
@@ -188,6 +199,9 @@ pub mod memory {
             }))
         }
         fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+            if let Some(e) = *self.broken.borrow() {
+                return Err(e);
+            }
             if *self.contend.borrow() > 0 {
                 *self.contend.borrow_mut() -= 1;
                 return Err(StoreError::CasMismatch);
@@ -216,19 +230,6 @@ mod tests {
         NonZeroU32::new(n).unwrap()
     }
 
-    fn l2() -> Limit {
-        Limit::of(2, 1000)
-    }
-
-    #[test]
-    fn keys_are_formatted_without_allocation_surprises() {
-        let mut k = String::new();
-        set_key(&mut k, sets(1250), 0);
-        assert_eq!(k, "rlrc1:1250:0");
-        set_key(&mut k, sets(u32::MAX), 4_000_000_000);
-        assert_eq!(k, "rlrc1:4294967295:4000000000");
-    }
-
     #[test]
     fn ensure_table_creates_missing_and_keeps_existing() {
         let store = MemoryStore::default();
@@ -242,51 +243,71 @@ mod tests {
         assert_eq!(store.map.borrow().len(), 5);
     }
 
-    #[test]
-    fn count_retries_cas_mismatch_then_decides() {
-        let store = MemoryStore::default();
-        ensure_table(&store, sets(1)).unwrap();
-        let mut key = String::new();
-        set_key(&mut key, sets(1), 0);
-        let mut buf = Vec::new();
-        *store.contend.borrow_mut() = 3;
-        let r = count(&store, &key, &mut buf, 9, l2(), 5);
-        assert_eq!(r.retries, 3);
-        assert!(matches!(
-            r.outcome,
-            CountOutcome::Decided(Counted {
-                verdict: Verdict::Allowed { remaining: 1, .. },
-                ..
-            })
-        ));
-        count(&store, &key, &mut buf, 9, l2(), 5);
-        let r = count(&store, &key, &mut buf, 9, l2(), 5);
-        assert!(matches!(
-            r.outcome,
-            CountOutcome::Decided(Counted {
-                verdict: Verdict::Limited { .. },
-                ..
-            })
-        ));
+    /// A one-byte counter record: the step adds one, or keeps the value once it reaches 3.
+    fn bump(bytes: &[u8]) -> Step<[u8; 1], u8> {
+        let n = bytes.first().copied().unwrap_or(0);
+        if n >= 3 {
+            Step::Keep(n)
+        } else {
+            Step::Write([n + 1], n + 1)
+        }
     }
 
     #[test]
-    fn endless_contention_fails_open_after_bounded_attempts() {
+    fn update_retries_cas_mismatch_then_writes_once() {
         let store = MemoryStore::default();
-        ensure_table(&store, sets(1)).unwrap();
-        let mut key = String::new();
-        set_key(&mut key, sets(1), 0);
+        store.set("k", &[0], 0).unwrap();
+        *store.contend.borrow_mut() = 3;
+        let r = update(&store, "k", &mut Vec::new(), bump);
+        assert_eq!(
+            r,
+            Updated {
+                result: Ok(1),
+                retries: 3
+            }
+        );
+        assert_eq!(store.map.borrow()["k"].0, [1]);
+    }
+
+    #[test]
+    fn keep_writes_nothing() {
+        let store = MemoryStore::default();
+        store.set("k", &[3], 0).unwrap();
+        let cas = store.map.borrow()["k"].1;
+        let r = update(&store, "k", &mut Vec::new(), bump);
+        assert_eq!(r.result, Ok(3));
+        assert_eq!(store.map.borrow()["k"].1, cas);
+    }
+
+    #[test]
+    fn endless_contention_gives_up_after_bounded_attempts() {
+        let store = MemoryStore::default();
+        store.set("k", &[0], 0).unwrap();
         *store.contend.borrow_mut() = u32::MAX;
-        let r = count(&store, &key, &mut Vec::new(), 9, l2(), 5);
-        assert_eq!(r.outcome, CountOutcome::Failed(StoreError::CasMismatch));
+        let r = update(&store, "k", &mut Vec::new(), bump);
+        assert_eq!(r.result, Err(StoreError::CasMismatch));
         assert_eq!(r.retries, MAX_CAS_ATTEMPTS);
     }
 
     #[test]
-    fn missing_key_is_created_then_counted() {
+    fn missing_key_is_created_empty_then_updated_with_a_real_cas() {
         let store = MemoryStore::default();
-        let r = count(&store, "k", &mut Vec::new(), 9, l2(), 5);
-        assert!(matches!(r.outcome, CountOutcome::Decided(_)));
-        assert_eq!(store.map.borrow()["k"].0.len(), crate::limiter::SET_BYTES);
+        let mut seen = Vec::new();
+        let r = update(&store, "k", &mut Vec::new(), |bytes| {
+            seen.push(bytes.to_vec());
+            bump(bytes)
+        });
+        assert_eq!(r.result, Ok(1));
+        assert_eq!(seen, [EMPTY.to_vec()]);
+    }
+
+    #[test]
+    fn host_errors_end_the_loop() {
+        let store = MemoryStore::default();
+        store.set("k", &[0], 0).unwrap();
+        *store.broken.borrow_mut() = Some(StoreError::Host(2));
+        let r = update(&store, "k", &mut Vec::new(), bump);
+        assert_eq!(r.result, Err(StoreError::Host(2)));
+        assert!(create_if_missing(&store, "j", EMPTY, &mut Vec::new()).is_err());
     }
 }
