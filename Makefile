@@ -191,3 +191,26 @@ bench-profile: tools build wrk bench-empty-filter
 	@$(PY) -c 'import wasmtime' 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	@command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
 	$(PY) bench/hotpath.py $(BENCH_ARGS)
+
+# --- reference rate-limit engine (issue 10; test tooling, never shipped) ---------------------
+# tools/ratelimit-engine: envoyproxy/ratelimit's gRPC protocol and Redis counting, for the tests
+# of `global` (SPEC §10). Its own crate and workspace, built into target/engine.
+# make engine       release build of target/engine/release/ratelimit-engine ($ENGINE_BIN)
+# make engine-test  its own tests, against a real redis-server (not part of `make test` yet)
+
+.PHONY: redis engine engine-test
+
+ENGINE_MANIFEST := tools/ratelimit-engine/Cargo.toml
+ENGINE_TARGET   := $(CURDIR)/target/engine
+ENGINE_BIN      := $(ENGINE_TARGET)/release/ratelimit-engine
+export ENGINE_BIN
+
+# redis-server is the engine's store (Debian's package; the tests start their own on loopback).
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+engine: redis
+	cargo build --release --locked --manifest-path $(ENGINE_MANIFEST) --target-dir $(ENGINE_TARGET)
+
+engine-test: engine
+	cargo test --release --locked --manifest-path $(ENGINE_MANIFEST) --target-dir $(ENGINE_TARGET)
