@@ -1,5 +1,6 @@
 //! Any callout answer (status, body), any cached slot bytes and any serialized header map:
-//! never a panic, and a `me` answer only yields roles for a 200 naming the caller.
+//! never a panic, a `me` answer only yields roles for a 200 naming the caller, and the
+//! permission's roles only come from a 200 and can be stored joined by newlines.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use rocketchat_ratelimit_wasm::bypass::{self, MeAnswer, SharedRoles};
@@ -15,7 +16,11 @@ fuzz_target!(|data: &[u8]| {
     if let MeAnswer::Roles(_) = bypass::parse_me(status, body, b"u1") {
         assert_eq!(status, Some(200));
     }
-    let _ = bypass::parse_permissions(status, body, "api-bypass-rate-limit");
+    if let Some(roles) = bypass::parse_permissions(status, body, "api-bypass-rate-limit") {
+        assert_eq!(status, Some(200));
+        // Roles are shared joined by '\n': never an empty one, never one with a newline.
+        assert!(roles.iter().all(|r| !r.is_empty() && !r.contains('\n')), "{roles:?}");
+    }
     let _ = bypass::read_slot(body, 42, 1000);
     let _ = bypass::may_store_answer(body, 42, 1000);
     let _ = rocketchat_ratelimit_wasm::headers::find(body, [":method", ":path", "x-user-id", "x-auth-token"]);
