@@ -27,7 +27,7 @@ export FILTER_WASM := $(WASM)
 TRAP_WASM     := $(CURDIR)/target/test-trap/$(WASM_TARGET)/release/rocketchat_ratelimit_wasm.wasm
 export TEST_TRAP_WASM := $(TRAP_WASM)
 
-.PHONY: help tools target venv wrk binaryen build build-test-trap run test unit lint e2e clean cargo-fuzz fuzz fuzz-smoke soak
+.PHONY: help tools target venv wrk binaryen build build-test-trap run test unit unit-wasm lint e2e clean cargo-fuzz fuzz fuzz-smoke soak
 
 help:
 	@echo "make run    build the filter and start Envoy with it in front of Rocket.Chat (or a demo upstream)"
@@ -77,8 +77,15 @@ lint: target
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --target $(WASM_TARGET) -- -D warnings
 
-unit:
+unit: target venv
 	cargo test
+	@$(MAKE) --no-print-directory unit-wasm
+
+# The library's unit tests again, compiled for wasm32-wasip1 (32-bit usize, the real allocator
+# and hashing) and run in wasmtime; the runner survives panic=abort (README "Tests").
+unit-wasm: target venv
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(PY) $(CURDIR)/tools/wasm-test-runner.py" \
+		cargo test --lib --target $(WASM_TARGET)
 
 build-test-trap: target
 	CARGO_TARGET_DIR=$(CURDIR)/target/test-trap cargo build --release --target $(WASM_TARGET) --features test-trap
