@@ -8,8 +8,6 @@
 
 use core::hash::{Hasher, SipHasher};
 
-use crate::route::Bucket;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seed(pub u64, pub u64);
 
@@ -29,25 +27,16 @@ impl Seed {
     }
 }
 
-/// Never 0 (0 marks a never-used slot).
-pub fn fingerprint(seed: Seed, client_ip: &[u8], method: &[u8], bucket: &Bucket<'_>) -> u64 {
+/// Never 0 (0 marks a never-used slot). `bucket`: the route bucket (`route::Route`).
+pub fn fingerprint(seed: Seed, client_ip: &[u8], method: &[u8], bucket: &[u8]) -> u64 {
     let mut h = SipHasher::new_with_keys(seed.0, seed.1);
     // Lengths first, so that no two different triples hash the same byte stream.
     h.write_usize(client_ip.len());
     h.write(client_ip);
     h.write_usize(method.len());
     h.write(method);
-    match bucket {
-        Bucket::Entry(id) => {
-            h.write_u8(0);
-            h.write_u32(*id);
-        }
-        Bucket::Path(path) => {
-            h.write_u8(1);
-            h.write_usize(path.len());
-            h.write(path);
-        }
-    }
+    h.write_usize(bucket.len());
+    h.write(bucket);
     h.finish().max(1)
 }
 
@@ -58,18 +47,15 @@ mod tests {
     #[test]
     fn distinct_parts_distinct_fingerprints() {
         let s = Seed(1, 2);
-        let a = fingerprint(s, b"1.2.3.4", b"GET", &Bucket::Entry(3));
-        assert_eq!(a, fingerprint(s, b"1.2.3.4", b"GET", &Bucket::Entry(3)));
-        assert_ne!(a, fingerprint(s, b"1.2.3.5", b"GET", &Bucket::Entry(3)));
-        assert_ne!(a, fingerprint(s, b"1.2.3.4", b"POST", &Bucket::Entry(3)));
-        assert_ne!(a, fingerprint(s, b"1.2.3.4", b"GET", &Bucket::Entry(4)));
+        let a = fingerprint(s, b"1.2.3.4", b"GET", b"/a");
+        assert_eq!(a, fingerprint(s, b"1.2.3.4", b"GET", b"/a"));
+        assert_ne!(a, fingerprint(s, b"1.2.3.5", b"GET", b"/a"));
+        assert_ne!(a, fingerprint(s, b"1.2.3.4", b"POST", b"/a"));
+        assert_ne!(a, fingerprint(s, b"1.2.3.4", b"GET", b"/b"));
+        assert_ne!(a, fingerprint(Seed(1, 3), b"1.2.3.4", b"GET", b"/a"));
         assert_ne!(
-            a,
-            fingerprint(Seed(1, 3), b"1.2.3.4", b"GET", &Bucket::Entry(3))
-        );
-        assert_ne!(
-            fingerprint(s, b"1.2.3.4", b"GET", &Bucket::Path(b"/x")),
-            fingerprint(s, b"1.2.3.4G", b"ET", &Bucket::Path(b"/x"))
+            fingerprint(s, b"1.2.3.4", b"GET", b"/x"),
+            fingerprint(s, b"1.2.3.4G", b"ET", b"/x")
         );
     }
 

@@ -13,27 +13,23 @@ use crate::limiter::Limit;
 pub struct RouteRule {
     /// `None`: `rateLimiterOptions: false`, never limited.
     pub limit: Option<Limit>,
-    /// Identifies the entry's bucket (SPEC §3.4: a pattern's bucket is the pattern).
-    pub id: u32,
-}
-
-/// The bucket a limited request counts in, besides its client and method.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Bucket<'a> {
-    /// A route entry (exact or pattern): every matching path shares it.
-    Entry(u32),
-    /// The `default` limit: the normalised concrete path.
-    Path(&'a [u8]),
+    /// A pattern entry's bucket: the pattern, its parameters written `:` (so renaming a
+    /// parameter keeps the count). `None` for an exact entry and `default`, whose bucket is
+    /// the request's normalised path.
+    pub pattern: Option<Vec<u8>>,
 }
 
 /// The routing decision for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route<'p> {
+pub enum Route<'a> {
     NotLimited,
     Limited {
         limit: Limit,
-        /// May borrow the request's path.
-        bucket: Bucket<'p>,
+        /// The bucket a limited request counts in, besides its client and method (SPEC
+        /// §3.4): the normalised path, or the pattern of a pattern entry. It names what is
+        /// counted, not the entry that limits it, so a configuration push that gives a path
+        /// an entry of its own (or takes it away) keeps the count.
+        bucket: &'a [u8],
     },
 }
 
@@ -97,7 +93,6 @@ pub struct RouteTable {
 pub struct RouteTableBuilder {
     prefix: String,
     default: Limit,
-    next_id: u32,
     /// (normalised path, method) → (source, routes index) for duplicate and override checks.
     exact: Vec<(Vec<u8>, Vec<Entry>)>,
     patterns: Vec<Pattern>,
@@ -119,8 +114,6 @@ impl RouteTableBuilder {
         RouteTableBuilder {
             prefix: prefix.to_string(),
             default,
-            // 0 is the default rule's id; entries start at 1.
-            next_id: 1,
             exact: Vec::new(),
             patterns: Vec::new(),
             seen: Vec::new(),
@@ -182,10 +175,11 @@ impl RouteTableBuilder {
             source,
             rule: RouteRule {
                 limit,
-                id: self.next_id,
+                pattern: segments
+                    .contains(&Segment::Param)
+                    .then(|| canonical_pattern(&segments)),
             },
         };
-        self.next_id += 1;
         let literals = segments
             .iter()
             .filter(|s| matches!(s, Segment::Literal(_)))
@@ -232,7 +226,7 @@ impl RouteTableBuilder {
             prefix: self.prefix.into_bytes(),
             default_rule: RouteRule {
                 limit: Some(self.default),
-                id: 0,
+                pattern: None,
             },
             exact: self.exact,
             patterns: self.patterns,
@@ -246,7 +240,7 @@ impl RouteTable {
     }
 
     /// Routes a request. `normalised` must come from [`normalise_path`].
-    pub fn route<'p>(&self, method: &[u8], normalised: &'p [u8]) -> Route<'p> {
+    pub fn route<'a>(&'a self, method: &[u8], normalised: &'a [u8]) -> Route<'a> {
         if method == b"OPTIONS" || method == b"HEAD" {
             return Route::NotLimited;
         }
@@ -259,34 +253,41 @@ impl RouteTable {
         {
             let entries = self.exact.get(found).map_or(&[][..], |(_, e)| e.as_slice());
             if let Some(e) = entries.iter().find(|e| e.method.matches(method)) {
-                return limited(&e.rule);
+                return limited(&e.rule, normalised);
             }
         }
         if !self.patterns.is_empty() {
             for p in &self.patterns {
                 if p.entry.method.matches(method) && pattern_matches(&p.segments, normalised) {
-                    return limited(&p.entry.rule);
+                    return limited(&p.entry.rule, normalised);
                 }
             }
         }
-        match self.default_rule.limit {
-            Some(limit) => Route::Limited {
-                limit,
-                bucket: Bucket::Path(normalised),
-            },
-            None => Route::NotLimited,
-        }
+        limited(&self.default_rule, normalised)
     }
 }
 
-fn limited<'p>(rule: &RouteRule) -> Route<'p> {
+fn limited<'a>(rule: &'a RouteRule, normalised: &'a [u8]) -> Route<'a> {
     match rule.limit {
         Some(limit) => Route::Limited {
             limit,
-            bucket: Bucket::Entry(rule.id),
+            bucket: rule.pattern.as_deref().unwrap_or(normalised),
         },
         None => Route::NotLimited,
     }
+}
+
+/// `/api/v1/rooms/:id/x` → `/api/v1/rooms/:/x`.
+fn canonical_pattern(segments: &[Segment]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for segment in segments {
+        out.push(b'/');
+        match segment {
+            Segment::Literal(l) => out.extend_from_slice(l),
+            Segment::Param => out.push(b':'),
+        }
+    }
+    out
 }
 
 fn pattern_matches(segments: &[Segment], path: &[u8]) -> bool {
@@ -528,16 +529,48 @@ mod tests {
         match (b1, b2) {
             (Route::Limited { bucket: x, .. }, Route::Limited { bucket: y, .. }) => {
                 assert_eq!(x, y);
-                assert!(matches!(x, Bucket::Entry(_)));
+                assert_eq!(x, b"/api/v1/a/:/c");
             }
             _ => panic!("expected limited"),
         }
         match t.route(b"GET", b"/api/v1/users.info") {
             Route::Limited { bucket, .. } => {
-                assert_eq!(bucket, Bucket::Path(b"/api/v1/users.info"))
+                assert_eq!(bucket, b"/api/v1/users.info")
             }
             _ => panic!("expected limited"),
         }
+    }
+
+    /// SPEC §3.4, §11: the bucket is the path or the pattern, never the entry, so a push
+    /// that gives a path an entry of its own (or renames a parameter) keeps its count.
+    #[test]
+    fn buckets_name_the_path_not_the_entry() {
+        let mut b = RouteTableBuilder::new("/api/v1/", Limit::ROCKETCHAT_DEFAULT);
+        b.add_route(
+            "/api/v1/users.info",
+            Some("GET"),
+            Some(Limit::of(20, 60_000)),
+        )
+        .unwrap();
+        b.add_route("/api/v1/rooms/:rid/x", None, Some(Limit::of(5, 60_000)))
+            .unwrap();
+        let with_entries = b.build();
+        let plain = RouteTableBuilder::new("/api/v1/", Limit::ROCKETCHAT_DEFAULT).build();
+        let mut renamed = RouteTableBuilder::new("/api/v1/", Limit::ROCKETCHAT_DEFAULT);
+        renamed
+            .add_route("/api/v1/rooms/:id/x", None, Some(Limit::of(5, 60_000)))
+            .unwrap();
+        let renamed = renamed.build();
+        let bucket = |t: &RouteTable, path: &'static [u8]| match t.route(b"GET", path) {
+            Route::Limited { bucket, .. } => bucket.to_vec(),
+            Route::NotLimited => panic!("limited"),
+        };
+        let users = b"/api/v1/users.info";
+        assert_eq!(bucket(&with_entries, users), bucket(&plain, users));
+        assert_eq!(
+            bucket(&with_entries, b"/api/v1/rooms/a/x"),
+            bucket(&renamed, b"/api/v1/rooms/b/x")
+        );
     }
 
     #[test]
