@@ -146,6 +146,16 @@ pub extern "C" fn proxy_on_http_call_response(
 }
 
 #[no_mangle]
+pub extern "C" fn proxy_on_grpc_receive(_context_id: u32, token: u32, response_size: usize) {
+    filter::on_grpc_answer(token, Ok(response_size));
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_close(_context_id: u32, token: u32, status_code: u32) {
+    filter::on_grpc_answer(token, Err(status_code));
+}
+
+#[no_mangle]
 pub extern "C" fn proxy_on_done(context_id: u32) -> bool {
     if let Some(r) = root(context_id) {
         r.borrow_mut().done();

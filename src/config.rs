@@ -17,6 +17,7 @@ use serde::de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, Seq
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::global::OnFailure;
 use crate::limiter::{Limit, WAYS_PER_SET};
 use crate::route::{RouteTable, RouteTableBuilder};
 
@@ -86,6 +87,18 @@ struct RawConfig<'a> {
     max_tracked_clients: Option<Number<'a>>,
     #[serde(borrow)]
     bypass: Option<Object<RawBypass<'a>>>,
+    #[serde(borrow)]
+    global: Option<Object<RawGlobal<'a>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal<'a> {
+    cluster: Option<String>,
+    domain: Option<String>,
+    #[serde(borrow)]
+    timeout_ms: Option<Number<'a>>,
+    on_failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -375,6 +388,50 @@ pub struct Config {
     pub max_tracked_clients: u32,
     pub routes: RouteTable,
     pub bypass: Option<BypassConfig>,
+    /// SPEC §10: counts shared by every replica through a Rate Limit Service.
+    pub global: Option<GlobalConfig>,
+}
+
+/// The `global` block (SPEC §10), validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// The Envoy cluster (HTTP/2) of the Rate Limit Service.
+    pub cluster: String,
+    pub domain: String,
+    pub timeout_ms: u64,
+    pub on_failure: OnFailure,
+}
+
+/// Longest `global.timeout_ms`.
+pub const MAX_GLOBAL_TIMEOUT_MS: u64 = 10_000;
+
+fn compile_global(raw: RawGlobal<'_>) -> Result<GlobalConfig, ConfigError> {
+    let cluster = match raw.cluster {
+        Some(c) if !c.is_empty() => c,
+        Some(_) => return Err(ConfigError::new("global.cluster", "must not be empty")),
+        None => return Err(ConfigError::new("global.cluster", "is required")),
+    };
+    let domain = non_empty("global.domain", raw.domain, "rocketchat")?;
+    let timeout_ms = match raw.timeout_ms {
+        Some(n) => positive("global.timeout_ms", n, MAX_GLOBAL_TIMEOUT_MS, "10000")?,
+        None => 100,
+    };
+    let on_failure = match raw.on_failure.as_deref() {
+        None | Some("local") => OnFailure::Local,
+        Some("allow") => OnFailure::Allow,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "global.on_failure",
+                "must be \"local\" or \"allow\"",
+            ))
+        }
+    };
+    Ok(GlobalConfig {
+        cluster,
+        domain,
+        timeout_ms,
+        on_failure,
+    })
 }
 
 impl Config {
@@ -613,6 +670,10 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
         Some(Object(b)) => Some(compile_bypass(b)?),
         None => None,
     };
+    let global = match raw.global {
+        Some(Object(g)) => Some(compile_global(g)?),
+        None => None,
+    };
 
     Ok(Config {
         limiting: enabled && (!development || enabled_in_development),
@@ -622,6 +683,7 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
         max_tracked_clients: max_tracked_clients / WAYS_PER_SET * WAYS_PER_SET,
         routes: table.build(),
         bypass,
+        global,
     })
 }
 
@@ -739,7 +801,7 @@ mod tests {
     #[test]
     fn mistakes_are_named_exactly() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"enabeld":true}"#, "enabeld: unknown field `enabeld`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`"),
+            (r#"{"enabeld":true}"#, "enabeld: unknown field `enabeld`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`, `global`"),
             (r#"{"routes":[{"path":"/api/v1/x","methd":"GET","rateLimiterOptions":false}]}"#, "routes[0].methd: unknown field `methd`, expected one of `path`, `method`, `rateLimiterOptions`"),
             (r#"{"default":{"numRequestsAllowed":0}}"#, "default.numRequestsAllowed: must be a positive integer"),
             (r#"{"default":{"numRequestsAllowed":-3}}"#, "default.numRequestsAllowed: must be a positive integer"),
@@ -772,6 +834,13 @@ mod tests {
             (r#"{"routes":[{"path":"/api/v1/x/:","rateLimiterOptions":false}]}"#, "routes[0].path: a ':' segment needs a parameter name"),
             (r#"{"bypass":{"roles":["admin",""]}}"#, "bypass.roles[1]: must not be empty"),
             (r#"{"bypass":{"timeout_ms":0}}"#, "bypass.timeout_ms: must be a positive integer"),
+            (r#"{"global":{}}"#, "global.cluster: is required"),
+            (r#"{"global":{"cluster":""}}"#, "global.cluster: must not be empty"),
+            (r#"{"global":{"cluster":"rls","domain":""}}"#, "global.domain: must not be empty"),
+            (r#"{"global":{"cluster":"rls","timeout_ms":0}}"#, "global.timeout_ms: must be a positive integer"),
+            (r#"{"global":{"cluster":"rls","timeout_ms":10001}}"#, "global.timeout_ms: must be at most 10000"),
+            (r#"{"global":{"cluster":"rls","on_failure":"deny"}}"#, "global.on_failure: must be \"local\" or \"allow\""),
+            (r#"{"global":{"cluster":"rls","cache":true}}"#, "global.cache: unknown field `cache`, expected one of `cluster`, `domain`, `timeout_ms`, `on_failure`"),
             (r#"{"dry_run":1}"#, "dry_run: invalid type: integer `1`, expected a boolean"),
             (r#"{"default":{"numRequestsAllowed":10,"x":1}}"#, "default.x: unknown field `x`, expected `numRequestsAllowed` or `intervalTimeInMS`"),
             (r#"{"bypass":{"tiemout_ms":1}}"#, "bypass.tiemout_ms: unknown field `tiemout_ms`, expected one of `cluster`, `authority`, `permission`, `roles`, `me_path`, `permissions_path`, `service_user_id`, `service_auth_token`, `timeout_ms`, `cache_ttl_ms`, `refresh_interval_ms`"),
@@ -914,6 +983,31 @@ mod tests {
     }
 
     #[test]
+    fn global_block_defaults() {
+        assert_eq!(parse(b"{}").unwrap().global, None);
+        let g = parse(br#"{"global":{"cluster":"ratelimit"}}"#)
+            .unwrap()
+            .global
+            .unwrap();
+        assert_eq!(
+            g,
+            GlobalConfig {
+                cluster: "ratelimit".into(),
+                domain: "rocketchat".into(),
+                timeout_ms: 100,
+                on_failure: OnFailure::Local
+            }
+        );
+        let g = parse(
+            br#"{"global":{"cluster":"r","domain":"d","timeout_ms":250,"on_failure":"allow"}}"#,
+        )
+        .unwrap()
+        .global
+        .unwrap();
+        assert_eq!((g.timeout_ms, g.on_failure), (250, OnFailure::Allow));
+    }
+
+    #[test]
     fn preset_rows_are_valid_limits() {
         for (path, _, options) in ROCKETCHAT_PRESET {
             if let Some((requests, interval_ms)) = options {
@@ -981,7 +1075,7 @@ mod tests {
             (r#"{"routes":[7]}"#, "routes[0]: invalid type: integer `7`, expected an object"),
             (r#"{"routes":[{"rateLimiterOptions":"x"}]}"#, "routes[0].rateLimiterOptions: invalid type: string, expected an object or false"),
             (r#"{"default":[]}"#, "default: invalid type: sequence, expected an object"),
-            (r#"{"zzz":1,"enabled":"x"}"#, "zzz: unknown field `zzz`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`"),
+            (r#"{"zzz":1,"enabled":"x"}"#, "zzz: unknown field `zzz`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`, `global`"),
             (r#"{"enabled":"x","zzz":1}"#, "enabled: invalid type: string, expected a boolean"),
             (r#"{"default":{"numRequestsAllowed":99999999999999999999999}}"#, "default.numRequestsAllowed: must be at most 2147483647"),
             (r#"{"default":{"numRequestsAllowed":1e3}}"#, "default.numRequestsAllowed: must be a positive integer"),

@@ -19,6 +19,23 @@ pub struct Countable {
     pub set: u32,
 }
 
+/// A limited request: what is counted, and what the Rate Limit Service is told about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified<'a> {
+    pub countable: Countable,
+    /// Envoy's `source.address` (see [`Classified::client_ip`]).
+    pub source_address: Vec<u8>,
+    /// The route bucket: the normalised path, or the pattern of a pattern entry.
+    pub bucket: &'a [u8],
+}
+
+impl Classified<'_> {
+    /// The client IP (SPEC §4.1).
+    pub fn client_ip(&self) -> &[u8] {
+        client_ip(&self.source_address)
+    }
+}
+
 /// Routes a request and, when it is limited, computes its bucket's fingerprint and set.
 pub fn classify(
     config: &Config,
@@ -28,7 +45,7 @@ pub fn classify(
     source_address: impl FnOnce() -> Option<Vec<u8>>,
 ) -> Option<Countable> {
     let path = limitable_path(config, raw_path)?;
-    classify_limitable(config, seed, method, &path, source_address)
+    classify_limitable(config, seed, method, &path, source_address).map(|c| c.countable)
 }
 
 /// The part of routing that needs no method: the path's normal form if a request on it can be
@@ -44,26 +61,78 @@ pub fn limitable_path<'p>(config: &Config, raw_path: &'p [u8]) -> Option<Cow<'p,
 }
 
 /// [`classify`] for a path that [`limitable_path`] returned.
-pub fn classify_limitable(
-    config: &Config,
+pub fn classify_limitable<'a>(
+    config: &'a Config,
     seed: Seed,
     method: &[u8],
-    path: &[u8],
+    path: &'a [u8],
     source_address: impl FnOnce() -> Option<Vec<u8>>,
-) -> Option<Countable> {
+) -> Option<Classified<'a>> {
     match config.routes.route(method, path) {
         Route::NotLimited => None,
         Route::Limited { limit, bucket } => {
             // Fetched only for limited requests. Absent (never seen from Envoy's HTTP
             // listeners) means every such request shares the empty client: limited, not free.
             let source = source_address().unwrap_or_default();
-            let fp = fingerprint(seed, client_ip(&source), method, &bucket);
-            Some(Countable {
-                limit,
-                fingerprint: fp,
-                set: set_index(fp, config.counter_sets()),
+            let fp = fingerprint(seed, client_ip(&source), method, bucket);
+            Some(Classified {
+                countable: Countable {
+                    limit,
+                    fingerprint: fp,
+                    set: set_index(fp, config.counter_sets()),
+                },
+                source_address: source,
+                bucket,
             })
         }
+    }
+}
+
+/// Is the bucket already over its limit in this window? Its reset if so. One read, no
+/// write: for requests a Rate Limit Service would otherwise be asked about (SPEC §10).
+pub fn exhausted_until<S: SharedStore + ?Sized>(
+    config: &Config,
+    store: &S,
+    key_buf: &mut String,
+    value_buf: &mut Vec<u8>,
+    countable: &Countable,
+    now_ms: u64,
+) -> Option<u64> {
+    store::set_key(key_buf, config.counter_sets(), countable.set);
+    store.get(key_buf, value_buf).ok()??;
+    let set = Set::decode(value_buf);
+    match limiter::decide(&set, countable.fingerprint, countable.limit, now_ms).verdict {
+        Verdict::Limited { reset_ms } => Some(reset_ms),
+        Verdict::Allowed { .. } => None,
+    }
+}
+
+/// Marks the bucket exhausted until its window's reset (the engine said OVER_LIMIT), so that
+/// every worker of this replica answers its next requests without asking.
+pub fn mark_exhausted<S: SharedStore + ?Sized>(
+    config: &Config,
+    store: &S,
+    key_buf: &mut String,
+    value_buf: &mut Vec<u8>,
+    countable: &Countable,
+    now_ms: u64,
+) -> Events {
+    store::set_key(key_buf, config.counter_sets(), countable.set);
+    let Updated { result, retries } = store::update(store, key_buf, value_buf, |bytes| {
+        match limiter::exhaust(
+            &Set::decode(bytes),
+            countable.fingerprint,
+            countable.limit,
+            now_ms,
+        ) {
+            Some(next) => Step::Write(next.encode(), ()),
+            None => Step::Keep(()),
+        }
+    });
+    Events {
+        cas_retries: retries,
+        store_error: result.is_err(),
+        ..Events::default()
     }
 }
 
@@ -187,7 +256,7 @@ mod tests {
         let address = || Some(b"10.0.0.1:5".to_vec());
         let path = limitable_path(&config, b"/api/v1//users.info").unwrap();
         assert_eq!(
-            classify_limitable(&config, seed, b"GET", &path, address),
+            classify_limitable(&config, seed, b"GET", &path, address).map(|c| c.countable),
             classify(&config, seed, b"GET", b"/api/v1//users.info", address)
         );
     }
@@ -303,6 +372,58 @@ mod tests {
             run(&config, &store, "GET", "/api/v1/rooms/c/x", "1.1.1.1:1", 5),
             Some(Action::Reject { .. })
         ));
+    }
+
+    #[test]
+    fn classified_requests_carry_the_client_ip_and_the_bucket() {
+        let config = parse(
+            br#"{"routes":[{"path":"/api/v1/rooms/:id/x","rateLimiterOptions":{"numRequestsAllowed":2}}]}"#,
+        )
+        .unwrap();
+        let path = limitable_path(&config, b"/api/v1/rooms/a/x").unwrap();
+        let c = classify_limitable(&config, Seed(1, 2), b"GET", &path, || {
+            Some(b"[::ffff:10.1.2.3]:4567".to_vec())
+        })
+        .unwrap();
+        assert_eq!(c.client_ip(), b"10.1.2.3");
+        assert_eq!(c.bucket, b"/api/v1/rooms/:/x");
+        let path = limitable_path(&config, b"/api/v1/users.info").unwrap();
+        let c = classify_limitable(&config, Seed(1, 2), b"GET", &path, || {
+            Some(b"10.9.9.9:1".to_vec())
+        })
+        .unwrap();
+        assert_eq!(c.client_ip(), b"10.9.9.9");
+        assert_eq!(c.bucket, b"/api/v1/users.info");
+    }
+
+    #[test]
+    fn an_exhausted_bucket_is_seen_by_the_next_reader() {
+        let config = parse(br#"{"default":{"numRequestsAllowed":3}}"#).unwrap();
+        let store = MemoryStore::default();
+        ensure_table(&store, config.counter_sets()).unwrap();
+        let c = classify(&config, Seed(7, 9), b"GET", b"/api/v1/x", || {
+            Some(b"1.1.1.1:1".to_vec())
+        })
+        .unwrap();
+        let (mut key, mut buf) = (String::new(), Vec::new());
+        assert_eq!(
+            exhausted_until(&config, &store, &mut key, &mut buf, &c, 5),
+            None
+        );
+        let events = mark_exhausted(&config, &store, &mut key, &mut buf, &c, 5);
+        assert!(!events.store_error);
+        assert_eq!(
+            exhausted_until(&config, &store, &mut key, &mut buf, &c, 6),
+            Some(60_000)
+        );
+        assert_eq!(
+            count_request(&config, &store, &mut key, &mut buf, &c, 7).0,
+            Action::Reject { reset_ms: 60_000 }
+        );
+        assert_eq!(
+            exhausted_until(&config, &store, &mut key, &mut buf, &c, 60_000),
+            None
+        );
     }
 
     #[test]

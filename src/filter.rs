@@ -5,6 +5,8 @@
 //! Bypass (SPEC §5) may need an answer from Rocket.Chat first: the request is then *parked*
 //! (`parking`) until the answer arrives, on this worker or on another one, and is finished by
 //! whichever code sees the answer first (the callout answer, or the root context's tick).
+//! With `global` (SPEC §10) a counted request is paused until the Rate Limit Service answers
+//! (`global`), and finished by that answer.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -12,16 +14,19 @@ use std::rc::Rc;
 
 use crate::bypass::{self, CacheState, MeAnswer, SharedRoles};
 use crate::client::client_ip;
-use crate::config::{self, BypassConfig, Config};
+use crate::config::{self, BypassConfig, Config, GlobalConfig};
 use crate::decision::{self, Action as Decided, Countable};
 use crate::fingerprint::Seed;
+use crate::global::{self, OnFailure, Queue, Verdict, Waiting};
 use crate::headers;
 use crate::host::{self, HostSharedData};
+use crate::limiter::window_end;
 use crate::lookup::{self, Claim, LocalAnswers};
 use crate::metrics::GAUGE_TRACKED_CLIENTS;
 use crate::metrics::{Counter, Events, PendingMetrics, Throttle, COUNTER_NAMES};
 use crate::parking::{Answer, Parking, Seen};
 use crate::response::{too_many_requests, RateLimitHeaders};
+use crate::rls;
 use crate::store::{self, SharedStore, StoreError, Updated};
 
 const SEED_KEY: &str = "rlrc1:seed";
@@ -35,6 +40,8 @@ const METRICS_FLUSH_MS: u32 = 100;
 const PERMISSIONS_RETRY_MS: u64 = 5_000;
 /// Largest callout answer read (a `me` or `permissions.listAll` body).
 const MAX_ANSWER_BYTES: usize = 4 << 20;
+/// Largest Rate Limit Service answer read (one descriptor status is a few dozen bytes).
+const MAX_ENGINE_ANSWER_BYTES: usize = 64 << 10;
 
 /// What the host does with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,8 +100,24 @@ struct BypassRuntime {
     config: BypassConfig,
     /// The roles holding the permission, as last seen in shared data (or the configured ones).
     roles: RefCell<Vec<String>>,
-    parking: RefCell<Parking>,
+    parking: RefCell<Parking<ToCount>>,
     local: RefCell<LocalAnswers>,
+}
+
+/// A request to be counted: its bucket, and with `global` its question for the engine.
+#[derive(Debug, Clone)]
+struct ToCount {
+    countable: Countable,
+    /// The `ShouldRateLimit` message and the reset of the window it asks about.
+    engine: Option<(Vec<u8>, u64)>,
+}
+
+/// Where an engine question stands.
+enum Asked {
+    /// Paused until the engine (or its turn in the bucket's queue) answers.
+    Paused,
+    /// Decided at once (known over the limit, or the call could not be made).
+    Done(Result<Option<RateLimitHeaders>, ()>),
 }
 
 /// Everything a configured plugin shares with its HTTP contexts (one per VM, single-threaded).
@@ -103,6 +126,11 @@ struct Active {
     seed: Seed,
     metrics: Rc<Metrics>,
     bypass: Option<BypassRuntime>,
+    /// Buckets with a Rate Limit Service call in flight on this VM (SPEC §10).
+    engine_queue: RefCell<Queue>,
+    /// `x-ratelimit-*` values of paused requests that were finished and let through, for
+    /// their response phase.
+    resumed: RefCell<BTreeMap<u32, RateLimitHeaders>>,
     /// Reused for every request: the counter key and the value read from shared data.
     key_buf: RefCell<String>,
     value_buf: RefCell<Vec<u8>>,
@@ -119,6 +147,12 @@ enum Call {
     },
     /// `GET permissions_path`, the bypass roles refresh.
     Permissions { active: Rc<Active> },
+    /// `ShouldRateLimit` for the request `waiting` of bucket `fingerprint`.
+    Engine {
+        active: Rc<Active>,
+        fingerprint: u64,
+        waiting: Waiting,
+    },
 }
 
 thread_local! {
@@ -132,8 +166,8 @@ impl Active {
         }
     }
 
-    /// Counts a request (on the *effective* context) and applies the verdict: the headers to
-    /// add in the response phase, or the 429 sent (`Err`).
+    /// Counts a request in this replica's counter (on the *effective* context) and applies
+    /// the verdict: the headers to add in the response phase, or the 429 sent (`Err`).
     fn count(&self, countable: &Countable, now_ms: u64) -> Result<Option<RateLimitHeaders>, ()> {
         let (decided, events) = decision::count_request(
             &self.config,
@@ -144,6 +178,17 @@ impl Active {
             now_ms,
         );
         self.metrics.record(&events);
+        self.apply(countable, decided, now_ms)
+    }
+
+    /// Applies a decision to the effective context: the headers to add in the response
+    /// phase, or the 429 sent (`Err`).
+    fn apply(
+        &self,
+        countable: &Countable,
+        decided: Decided,
+        now_ms: u64,
+    ) -> Result<Option<RateLimitHeaders>, ()> {
         let limit = countable.limit.requests.get();
         let headers = |remaining, reset_ms| RateLimitHeaders {
             limit,
@@ -187,34 +232,253 @@ impl Active {
         }
     }
 
+    /// The decision for a request known to be over its limit (not counted again).
+    fn over_limit(&self, reset_ms: u64) -> Decided {
+        if self.config.dry_run {
+            Decided::DryRunLimited { reset_ms }
+        } else {
+            Decided::Reject { reset_ms }
+        }
+    }
+
+    /// Finishes a paused request: makes it the effective context, applies `result`, and
+    /// resumes it unless a local reply was sent. `false` if the request is gone.
+    fn resume(
+        &self,
+        context_id: u32,
+        result: impl FnOnce() -> Result<Option<RateLimitHeaders>, ()>,
+    ) -> bool {
+        if !host::set_effective_context(context_id) {
+            return false;
+        }
+        if let Ok(headers) = result() {
+            if let Some(h) = headers {
+                self.resumed.borrow_mut().insert(context_id, h);
+            }
+            host::resume_http_request();
+        }
+        true
+    }
+
+    /// Counts request `context_id`: with the engine when `global` is on, else in this
+    /// replica's counter.
+    fn count_or_ask(self: &Rc<Self>, context_id: u32, item: &ToCount, now_ms: u64) -> Asked {
+        match (&self.config.global, &item.engine) {
+            (Some(g), Some((message, reset_ms))) => {
+                self.ask_engine(g, context_id, item.countable, message, *reset_ms, now_ms)
+            }
+            _ => Asked::Done(self.count(&item.countable, now_ms)),
+        }
+    }
+
+    /// SPEC §10: a bucket known to be over its limit gets the 429 without a call; otherwise
+    /// the request asks the engine, or waits behind this VM's call for its bucket.
+    fn ask_engine(
+        self: &Rc<Self>,
+        g: &GlobalConfig,
+        context_id: u32,
+        countable: Countable,
+        message: &[u8],
+        reset_ms: u64,
+        now_ms: u64,
+    ) -> Asked {
+        let exhausted = decision::exhausted_until(
+            &self.config,
+            &HostSharedData,
+            &mut self.key_buf.borrow_mut(),
+            &mut self.value_buf.borrow_mut(),
+            &countable,
+            now_ms,
+        );
+        if let Some(reset_ms) = exhausted {
+            self.metrics.inc(Counter::GlobalCachedLimited);
+            return Asked::Done(self.apply(&countable, self.over_limit(reset_ms), now_ms));
+        }
+        let waiting = Waiting {
+            context_id,
+            countable,
+            message: message.to_vec(),
+            reset_ms,
+            deadline_ms: now_ms + g.timeout_ms,
+        };
+        let fingerprint = countable.fingerprint;
+        let Some(waiting) = self.engine_queue.borrow_mut().arrive(fingerprint, waiting) else {
+            return Asked::Paused;
+        };
+        match self.dispatch(g, fingerprint, waiting, now_ms) {
+            Ok(()) => Asked::Paused,
+            Err(_) => {
+                // Nobody can be queued behind a call that never went out.
+                let _ = self.engine_queue.borrow_mut().dispatch_failed(fingerprint);
+                Asked::Done(self.fall_back(
+                    g,
+                    &countable,
+                    now_ms,
+                    "cannot call the rate-limit engine (is global.cluster defined in Envoy?)",
+                ))
+            }
+        }
+    }
+
+    /// Sends `waiting`'s question, with the time it has left.
+    fn dispatch(
+        self: &Rc<Self>,
+        g: &GlobalConfig,
+        fingerprint: u64,
+        waiting: Waiting,
+        now_ms: u64,
+    ) -> Result<(), Waiting> {
+        let timeout_ms = waiting.deadline_ms.saturating_sub(now_ms).max(1);
+        match host::grpc_call(
+            &g.cluster,
+            rls::SERVICE,
+            rls::METHOD,
+            &waiting.message,
+            timeout_ms,
+        ) {
+            Ok(token) => {
+                self.metrics.inc(Counter::GlobalCalls);
+                CALLS.with_borrow_mut(|c| {
+                    c.insert(
+                        token,
+                        Call::Engine {
+                            active: self.clone(),
+                            fingerprint,
+                            waiting,
+                        },
+                    )
+                });
+                Ok(())
+            }
+            Err(_) => Err(waiting),
+        }
+    }
+
+    /// SPEC §10 `on_failure`: the request is counted by this replica's own counter, or let
+    /// through uncounted.
+    fn fall_back(
+        &self,
+        g: &GlobalConfig,
+        countable: &Countable,
+        now_ms: u64,
+        why: &str,
+    ) -> Result<Option<RateLimitHeaders>, ()> {
+        self.metrics.inc(Counter::GlobalFailures);
+        match g.on_failure {
+            OnFailure::Local => {
+                self.warn(now_ms, &format!("global: {why}; counted by this replica"));
+                self.count(countable, now_ms)
+            }
+            OnFailure::Allow => {
+                self.warn(
+                    now_ms,
+                    &format!("global: {why}; let through (on_failure allow)"),
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// The engine answered the call of `fingerprint` made for `waiting` (or it failed):
+    /// finish that request, then the ones queued behind it.
+    fn engine_answered(
+        self: &Rc<Self>,
+        fingerprint: u64,
+        waiting: Waiting,
+        verdict: Verdict,
+        now_ms: u64,
+    ) {
+        let Some(g) = &self.config.global else { return };
+        let countable = waiting.countable;
+        match verdict {
+            Verdict::Admit { remaining } => {
+                let pass = Decided::Pass {
+                    remaining,
+                    reset_ms: waiting.reset_ms,
+                };
+                self.resume(waiting.context_id, || self.apply(&countable, pass, now_ms));
+            }
+            Verdict::OverLimit => {
+                let events = decision::mark_exhausted(
+                    &self.config,
+                    &HostSharedData,
+                    &mut self.key_buf.borrow_mut(),
+                    &mut self.value_buf.borrow_mut(),
+                    &countable,
+                    now_ms,
+                );
+                self.metrics.record(&events);
+                let over = self.over_limit(waiting.reset_ms);
+                self.resume(waiting.context_id, || self.apply(&countable, over, now_ms));
+            }
+            Verdict::Failed => {
+                self.resume(waiting.context_id, || {
+                    self.fall_back(
+                        g,
+                        &countable,
+                        now_ms,
+                        "the rate-limit engine failed (gRPC error, timeout or unusable answer)",
+                    )
+                });
+            }
+        }
+        let next = self
+            .engine_queue
+            .borrow_mut()
+            .ended(fingerprint, verdict, now_ms);
+        for w in next.reject {
+            let over = self.over_limit(w.reset_ms);
+            self.resume(w.context_id, || {
+                self.metrics.inc(Counter::GlobalCachedLimited);
+                self.apply(&w.countable, over, now_ms)
+            });
+        }
+        let mut fall_back = next.fall_back;
+        if let Some(w) = next.dispatch {
+            if let Err(w) = self.dispatch(g, fingerprint, w, now_ms) {
+                fall_back.push(w);
+                fall_back.extend(self.engine_queue.borrow_mut().dispatch_failed(fingerprint));
+            }
+        }
+        for w in fall_back {
+            self.resume(w.context_id, || {
+                self.fall_back(
+                    g,
+                    &w.countable,
+                    now_ms,
+                    "the rate-limit engine did not answer in time",
+                )
+            });
+        }
+    }
+
     /// Finishes every request parked on the lookup of `user_fp`, with its answer.
-    fn finish_lookup(&self, user_fp: u64, answer: Answer, now_ms: u64) {
+    fn finish_lookup(self: &Rc<Self>, user_fp: u64, answer: Answer, now_ms: u64) {
         let Some(rt) = &self.bypass else { return };
         let finished = rt.parking.borrow_mut().finish(user_fp);
-        for (context_id, countable) in finished {
-            if !host::set_effective_context(context_id) {
-                continue; // the request is gone
-            }
-            match answer {
-                Answer::Bypass => {
+        for (context_id, item) in finished {
+            if answer == Answer::Bypass {
+                if self.resume(context_id, || Ok(None)) {
                     self.metrics.inc(Counter::Bypassed);
-                    host::resume_http_request();
-                    continue;
                 }
-                Answer::Failed => self.metrics.inc(Counter::CalloutFailures),
-                Answer::NoBypass => {}
+                continue;
             }
-            if let Ok(headers) = self.count(&countable, now_ms) {
-                if let Some(h) = headers {
-                    rt.parking.borrow_mut().keep_headers(context_id, h);
-                }
-                host::resume_http_request();
+            if answer == Answer::Failed {
+                self.metrics.inc(Counter::CalloutFailures);
+            }
+            // Not a bypass: counted like any other request (with the engine when `global`
+            // is on, which may pause it again).
+            if !host::set_effective_context(context_id) {
+                continue;
+            }
+            if let Asked::Done(result) = self.count_or_ask(context_id, &item, now_ms) {
+                self.resume(context_id, || result);
             }
         }
     }
 
     /// Root tick: lookups run by other workers, lost lookups, and the bypass roles.
-    fn tick(&self, now_ms: u64) {
+    fn tick(self: &Rc<Self>, now_ms: u64) {
         let Some(rt) = &self.bypass else { return };
         let mut buf = Vec::new();
         let ended = rt.parking.borrow().ended(now_ms, |user_fp| {
@@ -370,11 +634,15 @@ impl Root {
             }
         };
         log::info!(
-            "configured (limiting {}, dry_run {}, {} client slots, bypass {})",
+            "configured (limiting {}, dry_run {}, {} client slots, bypass {}, global {})",
             config.limiting,
             config.dry_run,
             config.max_tracked_clients,
-            if config.bypass.is_some() { "on" } else { "off" }
+            if config.bypass.is_some() { "on" } else { "off" },
+            match &config.global {
+                Some(g) => format!("on: cluster {}, domain {}", g.cluster, g.domain),
+                None => "off".to_string(),
+            }
         );
         self.active = Some(Rc::new(Active {
             config,
@@ -384,6 +652,8 @@ impl Root {
             key_buf: RefCell::new(String::with_capacity(32)),
             value_buf: RefCell::new(Vec::with_capacity(crate::limiter::SET_BYTES)),
             warnings: RefCell::default(),
+            engine_queue: RefCell::default(),
+            resumed: RefCell::default(),
         }));
         true
     }
@@ -470,13 +740,6 @@ fn credential(value: Option<&[u8]>) -> Option<&str> {
 }
 
 impl Http {
-    /// `path` as [`decision::limitable_path`] returned it.
-    fn classify(active: &Active, method: &[u8], path: &[u8]) -> Option<Countable> {
-        decision::classify_limitable(&active.config, active.seed, method, path, || {
-            host::property(SOURCE_ADDRESS)
-        })
-    }
-
     pub fn request_headers(&mut self) -> Action {
         #[cfg(feature = "test-trap")]
         if host::header(
@@ -491,39 +754,61 @@ impl Http {
         let Some(active) = self.active.clone() else {
             return Action::Continue;
         };
-        let mut credentials = None;
         // With bypass on, four request headers are needed: one host call for the whole map
         // beats four. Without it, the path comes first and the method is read only for a
         // path that can be limited: outside api_prefix (most of a Rocket.Chat's traffic) a
         // request costs one header read.
-        let map;
-        let countable = if active.bypass.is_some() {
+        let (map, path_header, method_header);
+        let (mut method, path, credentials) = if active.bypass.is_some() {
             map = host::header_pairs(host::MAP_REQUEST_HEADERS);
             let [method, path, user_id, token] =
                 headers::find(&map, [":method", ":path", "x-user-id", "x-auth-token"]);
-            credentials = credential(user_id).zip(credential(token));
-            path.and_then(|p| decision::limitable_path(&active.config, p))
-                .and_then(|path| Self::classify(&active, method.unwrap_or_default(), &path))
+            let credentials = credential(user_id).zip(credential(token));
+            (method.unwrap_or_default(), path, credentials)
         } else {
-            let raw_path = host::header(host::MAP_REQUEST_HEADERS, ":path");
-            raw_path
-                .as_deref()
-                .and_then(|p| decision::limitable_path(&active.config, p))
-                .and_then(|path| {
-                    let method =
-                        host::header(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
-                    Self::classify(&active, &method, &path)
-                })
+            path_header = host::header(host::MAP_REQUEST_HEADERS, ":path");
+            (&[][..], path_header.as_deref(), None)
         };
-        let Some(countable) = countable else {
+        let Some(path) = path.and_then(|p| decision::limitable_path(&active.config, p)) else {
+            active.metrics.inc(Counter::NotLimited);
+            return Action::Continue;
+        };
+        if active.bypass.is_none() {
+            method_header = host::header(host::MAP_REQUEST_HEADERS, ":method");
+            method = method_header.as_deref().unwrap_or_default();
+        }
+        let classified =
+            decision::classify_limitable(&active.config, active.seed, method, &path, || {
+                host::property(SOURCE_ADDRESS)
+            });
+        let Some(classified) = classified else {
             active.metrics.inc(Counter::NotLimited);
             return Action::Continue;
         };
         let now_ms = host::now_ms();
-        if let Some(action) = self.bypass_step(&active, &countable, credentials, now_ms) {
+        let item = ToCount {
+            countable: classified.countable,
+            engine: active.config.global.as_ref().map(|g| {
+                let message = global::engine_request(
+                    &g.domain,
+                    classified.client_ip(),
+                    method,
+                    classified.bucket,
+                    &classified.countable,
+                    now_ms,
+                );
+                let reset_ms = window_end(now_ms, classified.countable.limit.interval_ms);
+                (message, reset_ms)
+            }),
+        };
+        if let Some(action) = self.bypass_step(&active, &item, credentials, now_ms) {
             return action;
         }
-        match active.count(&countable, now_ms) {
+        let result = match active.count_or_ask(self.context_id, &item, now_ms) {
+            Asked::Paused => return Action::Pause,
+            Asked::Done(result) => result,
+        };
+        match result {
             Ok(headers) => {
                 self.headers = headers;
                 Action::Continue
@@ -537,7 +822,7 @@ impl Http {
     fn bypass_step(
         &mut self,
         active: &Rc<Active>,
-        countable: &Countable,
+        item: &ToCount,
         credentials: Option<(&str, &str)>,
         now_ms: u64,
     ) -> Option<Action> {
@@ -575,7 +860,7 @@ impl Http {
             Claim::Wait => {
                 // Someone (here or on another worker) is asking: wait for that answer.
                 let mut parking = rt.parking.borrow_mut();
-                parking.park(self.context_id, user_fp, *countable, deadline_ms, false);
+                parking.park(self.context_id, user_fp, item.clone(), deadline_ms, false);
                 Some(Action::Pause)
             }
             Claim::Ask => {
@@ -594,7 +879,7 @@ impl Http {
                             )
                         });
                         let mut parking = rt.parking.borrow_mut();
-                        parking.park(self.context_id, user_fp, *countable, deadline_ms, true);
+                        parking.park(self.context_id, user_fp, item.clone(), deadline_ms, true);
                         Some(Action::Pause)
                     }
                     Err(_) => {
@@ -613,8 +898,8 @@ impl Http {
 
     pub fn response_headers(&mut self) {
         let headers = self.headers.take().or_else(|| {
-            let rt = self.active.as_ref()?.bypass.as_ref()?;
-            let h = rt.parking.borrow_mut().take_headers(self.context_id);
+            let active = self.active.as_ref()?;
+            let h = active.resumed.borrow_mut().remove(&self.context_id);
             h
         });
         if let Some(h) = headers {
@@ -628,7 +913,12 @@ impl Http {
 impl Drop for Http {
     /// A request that ends while parked (client gone) leaves nothing behind.
     fn drop(&mut self) {
-        if let Some(rt) = self.active.as_ref().and_then(|a| a.bypass.as_ref()) {
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        active.resumed.borrow_mut().remove(&self.context_id);
+        active.engine_queue.borrow_mut().forget(self.context_id);
+        if let Some(rt) = &active.bypass {
             rt.parking.borrow_mut().forget(self.context_id);
         }
     }
@@ -678,11 +968,37 @@ pub fn on_http_call_response(token: u32, body_size: usize) {
             user_id,
         } => me_answered(&active, user_fp, &user_id, status, &body, now_ms),
         Call::Permissions { active } => permissions_answered(&active, status, &body, now_ms),
+        Call::Engine { .. } => {}
     }
 }
 
+/// A Rate Limit Service call answered (`Ok(message size)`) or failed (`Err(gRPC status)`).
+pub fn on_grpc_answer(token: u32, result: Result<usize, u32>) {
+    let Some(call) = CALLS.with_borrow_mut(|c| c.remove(&token)) else {
+        return;
+    };
+    let Call::Engine {
+        active,
+        fingerprint,
+        waiting,
+    } = call
+    else {
+        return;
+    };
+    let now_ms = host::now_ms();
+    let verdict = match result {
+        Ok(size) => {
+            let message =
+                host::buffer(host::BUFFER_GRPC_RECEIVE, size.min(MAX_ENGINE_ANSWER_BYTES));
+            global::verdict(&message, waiting.countable.limit.requests.get())
+        }
+        Err(_) => Verdict::Failed,
+    };
+    active.engine_answered(fingerprint, waiting, verdict, now_ms);
+}
+
 fn me_answered(
-    active: &Active,
+    active: &Rc<Active>,
     user_fp: u64,
     user_id: &[u8],
     status: Option<u16>,

@@ -19,6 +19,7 @@ pub const MAP_REQUEST_HEADERS: u32 = 0;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
 pub const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 pub const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
+pub const BUFFER_GRPC_RECEIVE: u32 = 5;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 pub const METRIC_COUNTER: u32 = 0;
 pub const METRIC_GAUGE: u32 = 1;
@@ -102,6 +103,20 @@ extern "C" {
         body_size: usize,
         trailers_data: *const u8,
         trailers_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
+    fn proxy_grpc_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        service_name_data: *const u8,
+        service_name_size: usize,
+        method_name_data: *const u8,
+        method_name_size: usize,
+        initial_metadata_data: *const u8,
+        initial_metadata_size: usize,
+        message_data: *const u8,
+        message_size: usize,
         timeout_ms: u32,
         return_token: *mut u32,
     ) -> u32;
@@ -306,6 +321,43 @@ pub fn http_call(cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Re
             0,
             trailers.as_ptr(),
             trailers.len(),
+            u32::try_from(timeout_ms).unwrap_or(u32::MAX),
+            &mut token,
+        )
+    };
+    if status == OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
+}
+
+/// Dispatches a unary gRPC call to `cluster` (an Envoy cluster name); its answer arrives in
+/// `proxy_on_grpc_receive` (the message in [`BUFFER_GRPC_RECEIVE`]) or, on any failure
+/// (gRPC status, timeout, reset, unknown cluster once running), in `proxy_on_grpc_close`.
+/// `Err(status)` for any host status but Ok.
+pub fn grpc_call(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    message: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, u32> {
+    let metadata = crate::headers::serialize::<&str>(&[]);
+    let mut token = 0;
+    // SAFETY: pointers and lengths of live buffers; out-pointer to a local.
+    let status = unsafe {
+        proxy_grpc_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            metadata.as_ptr(),
+            metadata.len(),
+            message.as_ptr(),
+            message.len(),
             u32::try_from(timeout_ms).unwrap_or(u32::MAX),
             &mut token,
         )

@@ -11,12 +11,14 @@ pub mod client;
 pub mod config;
 pub mod decision;
 pub mod fingerprint;
+pub mod global;
 pub mod headers;
 pub mod limiter;
 pub mod lookup;
 pub mod metrics;
 pub mod parking;
 pub mod response;
+pub mod rls;
 pub mod route;
 pub mod store;
 

@@ -161,36 +161,65 @@ pub fn window_end(now_ms: u64, interval_ms: NonZeroU64) -> u64 {
         .saturating_mul(interval)
 }
 
+/// The way of `set` the bucket `fingerprint` counts in at `now_ms`: its own, the shared way
+/// it was merged into, a free way (claimed for it), or, in a full set, its merge way.
+/// Returns (index, collision, new_slot).
+fn place(set: &mut Set, fingerprint: u64, now_ms: u64) -> (usize, bool, bool) {
+    let merge = merge_way(fingerprint);
+    if let Some(i) = set.ways.iter().position(|w| w.fingerprint == fingerprint) {
+        (i, false, false)
+    } else if set
+        .ways
+        .get(merge)
+        .is_some_and(|w| w.shared && w.end_ms > now_ms)
+    {
+        (merge, true, false)
+    } else if let Some(i) = set.ways.iter().position(|w| w.is_free(now_ms)) {
+        let new_slot = set.ways.get(i).is_some_and(|w| w.fingerprint == 0);
+        if let Some(w) = set.ways.get_mut(i) {
+            *w = Way {
+                fingerprint,
+                end_ms: 0,
+                count: 0,
+                shared: false,
+            };
+        }
+        (i, false, new_slot)
+    } else {
+        (merge, true, false)
+    }
+}
+
+/// Marks the bucket exhausted for the rest of its window (a rate-limit engine answered
+/// OVER_LIMIT, SPEC §10): its count becomes at least the limit, so every later request of
+/// the window is limited without asking. `None` when the set already says so.
+pub fn exhaust(set: &Set, fingerprint: u64, limit: Limit, now_ms: u64) -> Option<Set> {
+    let fingerprint = fingerprint.max(1);
+    let own_end = window_end(now_ms, limit.interval_ms);
+    let mut next = *set;
+    let (index, collision, _) = place(&mut next, fingerprint, now_ms);
+    let way = next.ways.get_mut(index)?;
+    if way.end_ms <= now_ms {
+        way.count = 0;
+        way.end_ms = own_end;
+        way.shared = false;
+    } else if collision {
+        way.end_ms = way.end_ms.max(own_end);
+        way.shared = true;
+    }
+    if way.count >= limit.requests.get() {
+        return None;
+    }
+    way.count = limit.requests.get();
+    Some(next)
+}
+
 /// Counts one request of the bucket `fingerprint` (non-zero) against `limit` at `now_ms`.
 pub fn decide(set: &Set, fingerprint: u64, limit: Limit, now_ms: u64) -> Decision {
     let fingerprint = fingerprint.max(1);
     let own_end = window_end(now_ms, limit.interval_ms);
     let mut next = *set;
-    let merge = merge_way(fingerprint);
-
-    let (index, collision, new_slot) =
-        if let Some(i) = next.ways.iter().position(|w| w.fingerprint == fingerprint) {
-            (i, false, false)
-        } else if next
-            .ways
-            .get(merge)
-            .is_some_and(|w| w.shared && w.end_ms > now_ms)
-        {
-            (merge, true, false)
-        } else if let Some(i) = next.ways.iter().position(|w| w.is_free(now_ms)) {
-            let new_slot = next.ways.get(i).is_some_and(|w| w.fingerprint == 0);
-            if let Some(w) = next.ways.get_mut(i) {
-                *w = Way {
-                    fingerprint,
-                    end_ms: 0,
-                    count: 0,
-                    shared: false,
-                };
-            }
-            (i, false, new_slot)
-        } else {
-            (merge, true, false)
-        };
+    let (index, collision, new_slot) = place(&mut next, fingerprint, now_ms);
 
     let Some(way) = next.ways.get_mut(index) else {
         // Unreachable: every index above is < WAYS. Fail open rather than trap.
@@ -400,6 +429,32 @@ mod tests {
                 reset_ms: 60_000
             }
         );
+    }
+
+    #[test]
+    fn an_exhausted_bucket_is_limited_until_its_reset() {
+        let mut s = Set::decode(&[]);
+        run(&mut s, 7, l3(), 120_005);
+        s = exhaust(&s, 7, l3(), 120_010).unwrap();
+        assert_eq!(exhaust(&s, 7, l3(), 120_020), None);
+        assert_eq!(
+            run(&mut s, 7, l3(), 179_999).verdict,
+            Verdict::Limited { reset_ms: 180_000 }
+        );
+        assert!(matches!(
+            run(&mut s, 7, l3(), 180_000).verdict,
+            Verdict::Allowed { remaining: 2, .. }
+        ));
+        // A bucket never seen is exhausted in a way of its own; others are untouched.
+        let fresh = exhaust(&Set::decode(&[]), 9, l3(), 5).unwrap();
+        assert_eq!(
+            decide(&fresh, 9, l3(), 6).verdict,
+            Verdict::Limited { reset_ms: 60_000 }
+        );
+        assert!(matches!(
+            decide(&fresh, 10, l3(), 6).verdict,
+            Verdict::Allowed { remaining: 2, .. }
+        ));
     }
 
     #[test]

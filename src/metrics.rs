@@ -3,7 +3,7 @@
 //! `wasmcustom` namespace there).
 
 /// The counters, in the order of [`Counter`].
-pub const COUNTER_NAMES: [&str; 9] = [
+pub const COUNTER_NAMES: [&str; 12] = [
     "rocketchat_ratelimit.allowed",
     "rocketchat_ratelimit.limited",
     "rocketchat_ratelimit.dry_run_limited",
@@ -13,6 +13,9 @@ pub const COUNTER_NAMES: [&str; 9] = [
     "rocketchat_ratelimit.cas_retries",
     "rocketchat_ratelimit.store_errors",
     "rocketchat_ratelimit.table_collisions",
+    "rocketchat_ratelimit.global_calls",
+    "rocketchat_ratelimit.global_failures",
+    "rocketchat_ratelimit.global_cached_limited",
 ];
 
 pub const GAUGE_TRACKED_CLIENTS: &str = "rocketchat_ratelimit.tracked_clients";
@@ -38,6 +41,13 @@ pub enum Counter {
     StoreErrors = 7,
     /// Requests counted in a slot shared with another bucket (full counter set).
     TableCollisions = 8,
+    /// Calls made to the Rate Limit Service (SPEC §10).
+    GlobalCalls = 9,
+    /// Requests that followed `global.on_failure`: their engine call failed (gRPC error,
+    /// timeout, unusable answer, unknown cluster) or their turn came after their deadline.
+    GlobalFailures = 10,
+    /// 429s answered from a local over-limit verdict, without a call.
+    GlobalCachedLimited = 11,
 }
 
 /// Metric events of one counted request.

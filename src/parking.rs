@@ -10,9 +10,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::decision::Countable;
-use crate::response::RateLimitHeaders;
-
 /// How a lookup ended for the requests waiting on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -56,16 +53,24 @@ struct Lookup {
     dispatched_here: bool,
 }
 
-/// The parked requests and running lookups of one VM.
-#[derive(Debug, Default)]
-pub struct Parking {
+/// The parked requests and running lookups of one VM; `T` is what a parked request is to be
+/// counted as once its lookup ends.
+#[derive(Debug)]
+pub struct Parking<T> {
     lookups: BTreeMap<u64, Lookup>,
-    parked: BTreeMap<u32, Countable>,
-    /// Headers of requests that were finished and let through, for their response phase.
-    headers: BTreeMap<u32, RateLimitHeaders>,
+    parked: BTreeMap<u32, T>,
 }
 
-impl Parking {
+impl<T> Default for Parking<T> {
+    fn default() -> Self {
+        Parking {
+            lookups: BTreeMap::new(),
+            parked: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> Parking<T> {
     /// Is a lookup of this user (by its fingerprint) already running on this VM?
     pub fn is_looking_up(&self, user_fp: u64) -> bool {
         self.lookups.contains_key(&user_fp)
@@ -77,11 +82,11 @@ impl Parking {
         &mut self,
         context_id: u32,
         user_fp: u64,
-        countable: Countable,
+        parked: T,
         deadline_ms: u64,
         dispatched_here: bool,
     ) {
-        self.parked.insert(context_id, countable);
+        self.parked.insert(context_id, parked);
         let lookup = self.lookups.entry(user_fp).or_insert(Lookup {
             waiters: Vec::new(),
             deadline_ms,
@@ -96,7 +101,7 @@ impl Parking {
 
     /// Ends the lookup of `user_fp`: the requests still parked on it, in arrival order, each
     /// with what it is to be counted as.
-    pub fn finish(&mut self, user_fp: u64) -> Vec<(u32, Countable)> {
+    pub fn finish(&mut self, user_fp: u64) -> Vec<(u32, T)> {
         let Some(lookup) = self.lookups.remove(&user_fp) else {
             return Vec::new();
         };
@@ -129,19 +134,9 @@ impl Parking {
         ended
     }
 
-    /// Keeps the `x-ratelimit-*` values of a finished request for its response phase.
-    pub fn keep_headers(&mut self, context_id: u32, headers: RateLimitHeaders) {
-        self.headers.insert(context_id, headers);
-    }
-
-    pub fn take_headers(&mut self, context_id: u32) -> Option<RateLimitHeaders> {
-        self.headers.remove(&context_id)
-    }
-
     /// The request went away (client closed, stream reset): forget it.
     pub fn forget(&mut self, context_id: u32) {
         self.parked.remove(&context_id);
-        self.headers.remove(&context_id);
         for lookup in self.lookups.values_mut() {
             lookup.waiters.retain(|id| *id != context_id);
         }
@@ -157,6 +152,7 @@ impl Parking {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::decision::Countable;
     use crate::limiter::Limit;
 
     fn countable(n: u64) -> Countable {
@@ -169,7 +165,7 @@ mod tests {
 
     #[test]
     fn one_lookup_finishes_every_request_parked_on_it_in_order() {
-        let mut p = Parking::default();
+        let mut p = Parking::<Countable>::default();
         p.park(5, 77, countable(1), 300, true);
         p.park(6, 77, countable(2), 400, false);
         p.park(7, 88, countable(3), 300, false);
@@ -182,19 +178,10 @@ mod tests {
 
     #[test]
     fn a_request_that_went_away_is_not_finished() {
-        let mut p = Parking::default();
+        let mut p = Parking::<Countable>::default();
         p.park(5, 77, countable(1), 300, true);
         p.park(6, 77, countable(2), 300, false);
-        p.keep_headers(
-            5,
-            RateLimitHeaders {
-                limit: 1,
-                remaining: 0,
-                reset_ms: 9,
-            },
-        );
         p.forget(5);
-        assert_eq!(p.take_headers(5), None);
         // The lookup goes on (its answer is cached for others) and finishes the rest.
         assert!(p.is_looking_up(77));
         assert_eq!(p.finish(77), vec![(6, countable(2))]);
@@ -202,7 +189,7 @@ mod tests {
 
     #[test]
     fn own_callouts_end_at_their_deadline_others_by_their_slot() {
-        let mut p = Parking::default();
+        let mut p = Parking::<Countable>::default();
         p.park(1, 10, countable(1), 300, true); // our callout
         p.park(2, 20, countable(2), 300, false); // answered elsewhere
         p.park(3, 30, countable(3), 300, false); // still pending elsewhere
@@ -229,7 +216,7 @@ mod tests {
 
     #[test]
     fn a_dispatch_takes_over_a_lookup_others_started() {
-        let mut p = Parking::default();
+        let mut p = Parking::<Countable>::default();
         p.park(1, 10, countable(1), 300, false);
         p.park(2, 10, countable(2), 900, true);
         // Now our own callout: no polling, and the later deadline.
