@@ -435,7 +435,28 @@ impl Active {
         }
         let mut fall_back = next.fall_back;
         if let Some(w) = next.dispatch {
-            if let Err(w) = self.dispatch(g, fingerprint, w, now_ms) {
+            // Another worker may have seen the bucket go over its limit meanwhile.
+            let exhausted = decision::exhausted_until(
+                &self.config,
+                &HostSharedData,
+                &mut self.key_buf.borrow_mut(),
+                &mut self.value_buf.borrow_mut(),
+                &w.countable,
+                now_ms,
+            );
+            if let Some(reset_ms) = exhausted {
+                let rest =
+                    self.engine_queue
+                        .borrow_mut()
+                        .ended(fingerprint, Verdict::OverLimit, now_ms);
+                for w in std::iter::once(w).chain(rest.reject) {
+                    let over = self.over_limit(reset_ms);
+                    self.resume(w.context_id, || {
+                        self.metrics.inc(Counter::GlobalCachedLimited);
+                        self.apply(&w.countable, over, now_ms)
+                    });
+                }
+            } else if let Err(w) = self.dispatch(g, fingerprint, w, now_ms) {
                 fall_back.push(w);
                 fall_back.extend(self.engine_queue.borrow_mut().dispatch_failed(fingerprint));
             }
