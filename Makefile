@@ -74,6 +74,7 @@ run: tools build
 
 lint: target
 	cargo fmt --all -- --check
+	cargo fmt --manifest-path $(ENGINE_MANIFEST) -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --target $(WASM_TARGET) -- -D warnings
 
@@ -90,10 +91,10 @@ unit-wasm: target venv
 build-test-trap: target
 	CARGO_TARGET_DIR=$(CURDIR)/target/test-trap cargo build --release --target $(WASM_TARGET) --features test-trap
 
-e2e: tools build build-test-trap wrk shipping-tools bench-empty-filter
+e2e: tools build build-test-trap wrk shipping-tools bench-empty-filter engine
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-test: tools lint unit fuzz-smoke e2e
+test: tools lint unit engine-test fuzz-smoke e2e
 
 # --- hardening (issue 6) ----------------------------------------------------------------------
 
@@ -203,7 +204,7 @@ bench-profile: tools build wrk bench-empty-filter
 # tools/ratelimit-engine: envoyproxy/ratelimit's gRPC protocol and Redis counting, for the tests
 # of `global` (SPEC §10). Its own crate and workspace, built into target/engine.
 # make engine       release build of target/engine/release/ratelimit-engine ($ENGINE_BIN)
-# make engine-test  its own tests, against a real redis-server (not part of `make test` yet)
+# make engine-test  its own tests, against a real redis-server (part of `make test`)
 
 .PHONY: redis engine engine-test
 
