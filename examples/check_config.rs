@@ -119,7 +119,7 @@ fn ratelimit_yaml(domain: &str) -> String {
          # empty list loads the same). The descriptor entries are client, route, method and window\n\
          # (the start of the filter's window, epoch milliseconds): each window is its own key.\n\
          #\n\
-         # Its place: RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/config/, e.g. /data/ratelimit/config/rocketchat.yaml.\n\
+         # Its place: RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/config/, e.g. /data/ratelimit/config/.\n\
          domain: {}\n",
         yaml_scalar(domain)
     )

@@ -9,6 +9,10 @@
 - every YAML document in envoy/istio/ is a well-formed Istio resource, the WasmPlugin uses only
   fields of Istio's API, and its pluginConfig is the envoy.yaml configuration;
 - every shipped plugin configuration is accepted by the filter's own parser;
+- global mode (SPEC §10): envoy/envoy-global.yaml is envoy.yaml plus the `global` block and an
+  HTTP/2 `ratelimit` cluster, validates, and started for real counts in the reference Rate Limit
+  Service (tools/ratelimit-engine, on a real redis-server); `check_config --engine-config` writes
+  the engine's file, which that engine starts with;
 - `make oci`'s image is a valid OCI layout of the single-layer compat Wasm image Istio pulls,
   survives a push to a registry with its digest, and holds the exact .wasm.
 """
@@ -20,6 +24,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -36,17 +41,21 @@ sys.path.insert(0, str(ROOT / "tests" / "support"))
 from run_local import local_config  # noqa: E402
 
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+ENVOY_GLOBAL_YAML = ROOT / "envoy" / "envoy-global.yaml"
 COMPOSE_YAML = ROOT / "envoy" / "docker-compose.yaml"
 ISTIO_DIR = ROOT / "envoy" / "istio"
 OCI_TOOL = ROOT / "tests" / "support" / "oci_image.py"
 BUILT_WASM = "target/rocketchat_ratelimit.wasm"
 WASM_FILTER = "envoy.filters.http.wasm"
+ENGINE_BIN = os.environ.get("ENGINE_BIN", str(ROOT / "target" / "engine" / "release" / "ratelimit-engine"))
+# The `global` block of the shipped global-mode files (SPEC §10), but for the cluster's name.
+GLOBAL = {"domain": "rocketchat", "timeout_ms": 100, "on_failure": "local"}
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def shipped_envoy():
-    return yaml.safe_load(ENVOY_YAML.read_text())
+def shipped_envoy(path=ENVOY_YAML):
+    return yaml.safe_load(path.read_text())
 
 
 def hcm_of(config):
@@ -64,11 +73,16 @@ def plugin_config_text(config):
     return c["value"]
 
 
-def with_built_wasm(tmp_path):
-    """envoy/envoy.yaml, unchanged but for the .wasm path, written to tmp_path."""
-    config = shipped_envoy()
+def cluster_address(config, name):
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
+    return cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+
+
+def with_built_wasm(tmp_path, shipped=ENVOY_YAML):
+    """A shipped Envoy config, unchanged but for the .wasm path, written to tmp_path."""
+    config = shipped_envoy(shipped)
     wasm_config_of(config)["vm_config"]["code"]["local"]["filename"] = str(FILTER_WASM)
-    path = tmp_path / "envoy.yaml"
+    path = tmp_path / shipped.name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -87,6 +101,15 @@ def check_config(tmp_path, name, document):
     proc = subprocess.run(["cargo", "run", "--quiet", "--example", "check_config", "--", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == f"{path}: ok", proc.stdout + proc.stderr
+
+
+def engine_config(tmp_path, name, document):
+    """`check_config --engine-config` on `document`: (exit status, stdout, stderr)."""
+    path = tmp_path / name
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    proc = subprocess.run(["cargo", "run", "--quiet", "--example", "check_config", "--", "--engine-config",
+                           str(path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def makefile_envoy_version():
@@ -201,6 +224,212 @@ def test_envoy_yaml_path_spellings_share_one_bucket(shipped_gateway, own_upstrea
     # is Rocket.Chat's business (it routes it as the same endpoint).
     assert set(new) <= {"/api/v1/users.list", "/api/v1/users.list/"}, new
     assert sum(new.values()) == 10, new
+
+
+# --- global mode: envoy/envoy-global.yaml, check_config --engine-config ----------------------------
+
+class Redis:
+    """A throwaway redis-server on loopback (no persistence), stopped by its PID."""
+
+    def __init__(self, tmp_path):
+        if subprocess.run(["which", "redis-server"], capture_output=True).returncode != 0:
+            raise AssertionError("redis-server not installed: `make redis` (or run the tests through `make test`)")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: self.command("PING") == b"+PONG", 10, "redis-server")
+        except BaseException:
+            self.stop()
+            raise
+
+    def command(self, *words):
+        """One RESP command; the raw answer."""
+        request = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(request.encode())
+            return s.recv(65536).strip()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+class RateLimitEngine:
+    """tools/ratelimit-engine (`make engine`) with one config file, on a free loopback port."""
+
+    def __init__(self, tmp_path, config_path, redis_port):
+        if not Path(ENGINE_BIN).exists():
+            raise AssertionError(f"engine not built at {ENGINE_BIN}: `make engine` (or run the tests through `make test`)")
+        self.log_path = tmp_path / f"engine-{config_path.stem}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([ENGINE_BIN, "--listen", "127.0.0.1:0", "--redis", f"127.0.0.1:{redis_port}",
+                                      "--config", str(config_path)], stdout=self.log, stderr=self.log)
+        self.banner = None
+        try:
+            wait_for(self._listening, 10, f"ratelimit-engine (log {self.log_path})")
+        except BaseException:
+            self.stop()
+            raise
+        self.port = int(self.banner.group(1).rsplit(":", 1)[1])
+
+    def _listening(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"ratelimit-engine exited with {self.proc.returncode}: {self.logs()}")
+        self.banner = re.search(r"(?m)^ratelimit-engine listening on (\S+) \(domain (.*), redis (\S+)\)$", self.logs())
+        return self.banner is not None
+
+    def logs(self):
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def redis(tmp_path):
+    r = Redis(tmp_path)
+    yield r
+    r.stop()
+
+
+def global_of(config):
+    return json.loads(plugin_config_text(config))["global"]
+
+
+def test_envoy_global_yaml_is_envoy_yaml_plus_global_and_the_engine_cluster():
+    """SPEC §10: the same gateway as envoy.yaml (which stays as it is), the filter with `global`,
+    and an HTTP/2 cluster for the Rate Limit Service that `global.cluster` names."""
+    local, config = shipped_envoy(), shipped_envoy(ENVOY_GLOBAL_YAML)
+    assert json.loads(plugin_config_text(config)) == dict(json.loads(plugin_config_text(local)),
+                                                          **{"global": dict(GLOBAL, cluster="ratelimit")})
+    assert "global" not in json.loads(plugin_config_text(local))
+    # Everything else is envoy.yaml's, clusters included, plus the engine's.
+    clusters = config["static_resources"].pop("clusters")
+    local_clusters = local["static_resources"].pop("clusters")
+    assert clusters[:len(local_clusters)] == local_clusters
+    for c in (config, local):
+        wasm_config_of(c)["configuration"]["value"] = "(compared above)"
+    assert config == local
+    [engine] = clusters[len(local_clusters):]
+    assert engine["name"] == global_of(shipped_envoy(ENVOY_GLOBAL_YAML))["cluster"] == "ratelimit"
+    assert engine["type"] == "STRICT_DNS"
+    sa = cluster_address(shipped_envoy(ENVOY_GLOBAL_YAML), "ratelimit")
+    assert (sa["address"], sa["port_value"]) == ("ratelimit", 8081)  # envoyproxy/ratelimit's GRPC_PORT
+    seconds = float(engine["connect_timeout"].rstrip("s"))
+    assert 0 < seconds <= 1, engine["connect_timeout"]
+    options = engine["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["@type"] == "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+
+
+def test_envoy_global_yaml_validates(tmp_path):
+    envoy_validate("-c", str(with_built_wasm(tmp_path, ENVOY_GLOBAL_YAML)))
+
+
+def test_envoy_global_yaml_plugin_configuration_passes_the_filter_parser(tmp_path):
+    check_config(tmp_path, "envoy-global-yaml-configuration.json", plugin_config_text(shipped_envoy(ENVOY_GLOBAL_YAML)))
+
+
+@pytest.mark.parametrize("domain", ["rocketchat", "rocket.chat-prod_2", "yes", "1.5", "it's: #1", "null"])
+def test_engine_config_names_the_domain_exactly(tmp_path, domain):
+    """The printed file reads back, with a YAML 1.1 reader like envoyproxy/ratelimit's
+    (gopkg.in/yaml.v2), as exactly {"domain": <global.domain>}: no descriptors, a domain YAML
+    could read as a boolean, a number or null is quoted."""
+    status, out, err = engine_config(tmp_path, "c.json", {"global": {"cluster": "rls", "domain": domain}})
+    assert status == 0 and err == "", err
+    assert yaml.safe_load(out) == {"domain": domain}, out
+    assert out.startswith("#") and out.endswith("\n")
+    assert "every descriptor the filter sends carries its own limit override" in " ".join(out.lower().split())
+
+
+def test_engine_config_of_the_shipped_configuration(tmp_path):
+    status, out, err = engine_config(tmp_path, "g.json", plugin_config_text(shipped_envoy(ENVOY_GLOBAL_YAML)))
+    assert status == 0 and err == "", err
+    assert yaml.safe_load(out) == {"domain": "rocketchat"}
+    assert re.search(r"(?m)^domain: rocketchat$", out), out
+
+
+@pytest.mark.parametrize("document, message", [
+    (plugin_config_text(shipped_envoy()), "no `global` block"),
+    ("{}", "no `global` block"),
+    ('{"global": {}}', "global.cluster: is required"),
+    ('{"globl": {"cluster": "ratelimit"}}', "globl: unknown field"),
+])
+def test_engine_config_needs_a_valid_global_configuration(tmp_path, document, message):
+    status, out, err = engine_config(tmp_path, "c.json", document)
+    assert status == 1 and out == "", (status, out)
+    [line] = err.splitlines()
+    assert line.startswith(f"{tmp_path / 'c.json'}: ") and message in line, err
+
+
+def test_check_config_still_validates_files(tmp_path):
+    """--engine-config is an addition: FILE... still prints one verdict a file."""
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(plugin_config_text(shipped_envoy(ENVOY_GLOBAL_YAML)))
+    bad.write_text('{"global": {"cluster": ""}}')
+    proc = subprocess.run(["cargo", "run", "--quiet", "--example", "check_config", "--", str(good), str(bad)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [f"{good}: ok", f"{bad}: global.cluster: must not be empty"]
+
+
+@pytest.mark.parametrize("domain", ["rocketchat", "on"])
+def test_reference_engine_starts_with_the_engine_config(tmp_path, redis, domain):
+    """The printed file as the reference engine's --config: it starts, serves that domain and
+    notes no `descriptors` to ignore."""
+    status, out, err = engine_config(tmp_path, "c.json", {"global": {"cluster": "ratelimit", "domain": domain}})
+    assert status == 0, err
+    path = tmp_path / "rocketchat.yaml"
+    path.write_text(out)
+    engine = RateLimitEngine(tmp_path, path, redis.port)
+    try:
+        assert engine.banner.group(2) == domain
+        assert engine.banner.group(3) == f"127.0.0.1:{redis.port}"
+        assert engine.logs().strip() == engine.banner.group(0), engine.logs()  # no note, no error
+    finally:
+        engine.stop()
+
+
+def test_envoy_global_yaml_started_for_real_counts_in_the_engine(tmp_path, own_upstream, redis):
+    """envoy/envoy-global.yaml as shipped but for local addresses, in front of the reference
+    engine started with check_config's file: the requests are counted in Redis (so the HTTP/2
+    cluster works: over HTTP/1.1 every call fails), and the 11th gets the 429."""
+    status, out, err = engine_config(tmp_path, "g.json", plugin_config_text(shipped_envoy(ENVOY_GLOBAL_YAML)))
+    assert status == 0, err
+    (tmp_path / "rocketchat.yaml").write_text(out)
+    engine = RateLimitEngine(tmp_path, tmp_path / "rocketchat.yaml", redis.port)
+    envoy = Envoy(tmp_path, config={"replaced": "below"})
+    try:
+        config = shipped_envoy(ENVOY_GLOBAL_YAML)
+        config["admin"]["address"]["socket_address"]["port_value"] = envoy.admin_port
+        config["static_resources"]["listeners"][0]["address"]["socket_address"] = {
+            "address": "127.0.0.1", "port_value": envoy.port}
+        wasm_config_of(config)["vm_config"]["code"]["local"]["filename"] = str(FILTER_WASM)
+        for name, port in [("rocketchat", own_upstream.port), ("ratelimit", engine.port)]:
+            cluster_address(config, name).update(address="127.0.0.1", port_value=port)
+        envoy.config = config
+        envoy.config_path.write_text(json.dumps(config, indent=1))
+        envoy.start()
+        avoid_window_edge()
+        conn = envoy.connection()
+        for i in range(10):
+            r = envoy.request("GET", "/api/v1/users.info", conn=conn)
+            assert r.status == 200 and r.headers["x-ratelimit-remaining"] == str(9 - i), r
+        r = envoy.request("GET", "/api/v1/users.info", conn=conn)
+        assert r.status == 429 and r.headers["x-ratelimit-remaining"] == "0", r
+        assert envoy.metric("global_failures") == 0
+        assert envoy.metric("global_calls") >= 10
+        keys = redis.command("KEYS", "rocketchat_*").decode()
+        assert "rocketchat_client_127.0.0.1_route_/api/v1/users.info_method_GET_window_" in keys, keys
+    finally:
+        envoy.stop()
+        engine.stop()
 
 
 # --- envoy/docker-compose.yaml --------------------------------------------------------------------
