@@ -12,7 +12,9 @@
 - global mode (SPEC §10): envoy/envoy-global.yaml is envoy.yaml plus the `global` block and an
   HTTP/2 `ratelimit` cluster, validates, and started for real counts in the reference Rate Limit
   Service (tools/ratelimit-engine, on a real redis-server); `check_config --engine-config` writes
-  the engine's file, which that engine starts with;
+  the engine's file, which that engine starts with; envoy/istio/wasmplugin-global.yaml is the
+  WasmPlugin plus `global`, whose cluster is the name Istio gives the gRPC port of the Service in
+  envoy/istio/ratelimit-service.yaml, whose ConfigMap is that command's output;
 - `make oci`'s image is a valid OCI layout of the single-layer compat Wasm image Istio pulls,
   survives a push to a registry with its digest, and holds the exact .wasm.
 """
@@ -512,8 +514,14 @@ WASMPLUGIN_SPEC_FIELDS = {"selector", "targetRef", "targetRefs", "url", "sha256"
                           "priority", "failStrategy", "vmConfig", "match", "type"}
 SERVICEENTRY_SPEC_FIELDS = {"hosts", "addresses", "ports", "location", "resolution", "endpoints",
                             "workloadSelector", "exportTo", "subjectAltNames"}
+# The Istio resources, and the plain Kubernetes ones of the Rate Limit Service (global mode).
 KINDS = {("extensions.istio.io/v1alpha1", "WasmPlugin"), ("networking.istio.io/v1", "ServiceEntry"),
-         ("networking.istio.io/v1beta1", "ServiceEntry")}
+         ("networking.istio.io/v1beta1", "ServiceEntry"), ("v1", "Namespace"), ("v1", "ConfigMap"),
+         ("v1", "Service"), ("apps/v1", "Deployment")}
+TOP_LEVEL = {"Namespace": {"apiVersion", "kind", "metadata"},
+             "ConfigMap": {"apiVersion", "kind", "metadata", "data"}}
+WASMPLUGIN_FILES = ["wasmplugin.yaml", "wasmplugin-global.yaml"]
+DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
 
 
 def istio_documents():
@@ -527,18 +535,28 @@ def istio_documents():
     return docs
 
 
-def the_wasmplugin():
-    [plugin] = [d for _, d in istio_documents() if d["kind"] == "WasmPlugin"]
+def the_wasmplugin(name="wasmplugin.yaml"):
+    [plugin] = [d for file, d in istio_documents() if file == name and d["kind"] == "WasmPlugin"]
     return plugin
+
+
+def ratelimit_service(kind, name):
+    """A resource of envoy/istio/ratelimit-service.yaml."""
+    [doc] = [d for file, d in istio_documents()
+             if file == "ratelimit-service.yaml" and d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
 
 
 def test_every_istio_document_is_a_known_resource():
     docs = istio_documents()
     for name, doc in docs:
         assert (doc.get("apiVersion"), doc.get("kind")) in KINDS, (name, doc.get("apiVersion"), doc.get("kind"))
-        assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}, (name, set(doc))
-        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), name
-        assert isinstance(doc["spec"], dict), name
+        assert set(doc) <= TOP_LEVEL.get(doc["kind"], {"apiVersion", "kind", "metadata", "spec"}), (name, set(doc))
+        assert re.fullmatch(DNS_LABEL, doc["metadata"]["name"]), name
+        if doc["kind"] != "Namespace":
+            assert re.fullmatch(DNS_LABEL, doc["metadata"]["namespace"]), name
+        if doc["kind"] not in TOP_LEVEL:
+            assert isinstance(doc["spec"], dict), name
         if doc["kind"] == "ServiceEntry":
             spec = doc["spec"]
             assert set(spec) <= SERVICEENTRY_SPEC_FIELDS, (name, set(spec) - SERVICEENTRY_SPEC_FIELDS)
@@ -550,11 +568,16 @@ def test_every_istio_document_is_a_known_resource():
                 # The cluster Istio makes of it is the one the file tells to use as bypass.cluster.
                 text = (ISTIO_DIR / name).read_text()
                 assert f"outbound|{port['number']}||{spec['hosts'][0]}" in text
-    assert sum(1 for _, d in docs if d["kind"] == "WasmPlugin") == 1
+    # One WasmPlugin a file, the same object in both: applying one replaces the other, so the
+    # filter never runs twice on a gateway.
+    plugins = [(name, d) for name, d in docs if d["kind"] == "WasmPlugin"]
+    assert sorted(name for name, _ in plugins) == sorted(WASMPLUGIN_FILES)
+    assert len({(d["metadata"]["namespace"], d["metadata"]["name"]) for _, d in plugins}) == 1
 
 
-def test_wasmplugin_uses_only_istio_api_fields_with_valid_values():
-    plugin = the_wasmplugin()
+@pytest.mark.parametrize("file", WASMPLUGIN_FILES)
+def test_wasmplugin_uses_only_istio_api_fields_with_valid_values(file):
+    plugin = the_wasmplugin(file)
     spec = plugin["spec"]
     assert set(spec) <= WASMPLUGIN_SPEC_FIELDS, set(spec) - WASMPLUGIN_SPEC_FIELDS
     assert spec["selector"] == {"matchLabels": {"istio": "ingressgateway"}}
@@ -580,22 +603,116 @@ def test_wasmplugin_plugin_config_is_the_envoy_yaml_configuration():
     assert the_wasmplugin()["spec"]["pluginConfig"] == json.loads(plugin_config_text(shipped_envoy()))
 
 
-def test_wasmplugin_plugin_config_passes_the_filter_parser(tmp_path):
-    check_config(tmp_path, "wasmplugin-pluginconfig.json", the_wasmplugin()["spec"]["pluginConfig"])
+@pytest.mark.parametrize("file", WASMPLUGIN_FILES)
+def test_wasmplugin_plugin_config_passes_the_filter_parser(tmp_path, file):
+    check_config(tmp_path, f"{file}-pluginconfig.json", the_wasmplugin(file)["spec"]["pluginConfig"])
 
 
-def test_wasmplugin_commented_bypass_example_passes_the_filter_parser(tmp_path):
+@pytest.mark.parametrize("file", WASMPLUGIN_FILES)
+def test_wasmplugin_commented_bypass_example_passes_the_filter_parser(tmp_path, file):
     """The `# bypass:` example in the WasmPlugin, uncommented, is a valid configuration whose
     cluster is named the way Istio names a Service's cluster."""
-    text = (ISTIO_DIR / "wasmplugin.yaml").read_text()
+    text = (ISTIO_DIR / file).read_text()
     m = re.search(r"(?m)^(\s*)# bypass:\n((?:\1#   .*\n)+)", text)
-    assert m, "no commented bypass example in wasmplugin.yaml"
+    assert m, f"no commented bypass example in {file}"
     block = "bypass:\n" + "".join("  " + line.strip()[len("# "):].strip() + "\n"
                                   for line in m.group(2).splitlines())
     bypass = yaml.safe_load(block)["bypass"]
     assert re.fullmatch(r"outbound\|\d+\|\|[a-z0-9-]+\.[a-z0-9-]+\.svc\.cluster\.local", bypass["cluster"])
-    config = dict(the_wasmplugin()["spec"]["pluginConfig"], bypass=bypass)
+    config = dict(the_wasmplugin(file)["spec"]["pluginConfig"], bypass=bypass)
     check_config(tmp_path, "wasmplugin-with-bypass.json", config)
+
+
+def test_wasmplugin_global_is_the_wasmplugin_plus_global():
+    """Everything of wasmplugin.yaml, and pluginConfig is envoy-global.yaml's configuration but
+    for the cluster's name, which is Istio's."""
+    local, plugin = the_wasmplugin(), the_wasmplugin("wasmplugin-global.yaml")
+    assert plugin["metadata"] == local["metadata"]
+    assert {k: v for k, v in plugin["spec"].items() if k != "pluginConfig"} == \
+        {k: v for k, v in local["spec"].items() if k != "pluginConfig"}
+    config = dict(plugin["spec"]["pluginConfig"])
+    global_block = config.pop("global")
+    assert config == local["spec"]["pluginConfig"]
+    assert global_block == dict(GLOBAL, cluster=global_block["cluster"])
+    envoy_global = json.loads(plugin_config_text(shipped_envoy(ENVOY_GLOBAL_YAML)))
+    assert plugin["spec"]["pluginConfig"] == dict(envoy_global, **{"global": global_block})
+
+
+def test_wasmplugin_global_cluster_is_istios_name_for_the_engine_grpc_port():
+    """global.cluster is outbound|PORT||SERVICE.NAMESPACE.svc.cluster.local for a Service of
+    ratelimit-service.yaml, and that port is declared gRPC, so that Istio makes it HTTP/2."""
+    cluster = the_wasmplugin("wasmplugin-global.yaml")["spec"]["pluginConfig"]["global"]["cluster"]
+    m = re.fullmatch(rf"outbound\|(\d+)\|\|({DNS_LABEL})\.({DNS_LABEL})\.svc\.cluster\.local", cluster)
+    assert m, cluster
+    port, name, namespace = int(m.group(1)), m.group(2), m.group(3)
+    service = ratelimit_service("Service", name)
+    assert service["metadata"]["namespace"] == namespace
+    [p] = [p for p in service["spec"]["ports"] if p["port"] == port]
+    assert p.get("appProtocol") == "grpc" and (p["name"] == "grpc" or p["name"].startswith("grpc-")), p
+    # The Service leads to envoyproxy/ratelimit's gRPC port.
+    deployment = ratelimit_service("Deployment", name)
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    [container] = pod["spec"]["containers"]
+    assert container["image"].split(":")[0] == "envoyproxy/ratelimit"
+    assert p["targetPort"] in {c["containerPort"] for c in container["ports"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert p["targetPort"] == int(env.get("GRPC_PORT", 8081))
+
+
+def test_ratelimit_service_manifests_hang_together():
+    """The Deployments and Services of ratelimit-service.yaml fit each other and
+    envoyproxy/ratelimit's settings (src/settings/settings.go): images pinned, the ConfigMap
+    mounted where the engine reads its files, Redis reached through its Service."""
+    for name, doc in istio_documents():
+        if name == "ratelimit-service.yaml" and doc["kind"] == "Deployment":
+            spec = doc["spec"]
+            assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+            for c in spec["template"]["spec"]["containers"]:
+                assert not c["image"].endswith((":latest", ":master")) and ":" in c["image"], c["image"]
+    engine = ratelimit_service("Deployment", "ratelimit")["spec"]["template"]
+    [container] = engine["spec"]["containers"]
+    assert re.fullmatch(r"envoyproxy/ratelimit:[0-9a-f]{8}", container["image"]), container["image"]
+    assert container["command"] == ["/bin/ratelimit"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert all(isinstance(v, str) for v in env.values()), env  # Kubernetes wants strings
+    assert env["REDIS_SOCKET_TYPE"] == "tcp" and env["USE_STATSD"] == "false"
+    assert env["RUNTIME_WATCH_ROOT"] == "false" and env["RUNTIME_IGNOREDOTFILES"] == "true"
+    # The configuration directory: RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY.
+    config_dir = "/".join([env["RUNTIME_ROOT"].rstrip("/"), env["RUNTIME_SUBDIRECTORY"],
+                           env.get("RUNTIME_APPDIRECTORY", "config")])
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == config_dir]
+    [volume] = [v for v in engine["spec"]["volumes"] if v["name"] == mount["name"]]
+    configmap = ratelimit_service("ConfigMap", volume["configMap"]["name"])
+    assert configmap["metadata"]["namespace"] == ratelimit_service("Deployment", "ratelimit")["metadata"]["namespace"]
+    assert configmap["data"] and all(k.endswith(".yaml") for k in configmap["data"])
+    # Redis: the address the engine dials is the redis Service, which leads to the redis pod.
+    host, _, port = env["REDIS_URL"].rpartition(":")
+    redis_service = ratelimit_service("Service", host.split(".")[0])
+    [p] = [p for p in redis_service["spec"]["ports"] if p["port"] == int(port)]
+    redis_pod = ratelimit_service("Deployment", "redis")["spec"]["template"]
+    assert redis_service["spec"]["selector"].items() <= redis_pod["metadata"]["labels"].items()
+    [redis_container] = redis_pod["spec"]["containers"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+", redis_container["image"]), redis_container["image"]
+    assert p["targetPort"] in {c["containerPort"] for c in redis_container["ports"]}
+
+
+def test_ratelimit_configmap_is_the_engine_config_of_the_global_wasmplugin(tmp_path):
+    [text] = ratelimit_service("ConfigMap", "ratelimit-config")["data"].values()
+    status, out, err = engine_config(tmp_path, "g.json", the_wasmplugin("wasmplugin-global.yaml")["spec"]["pluginConfig"])
+    assert status == 0, err
+    assert text == out
+
+
+def test_reference_engine_starts_with_the_configmap(tmp_path, redis):
+    [(name, text)] = ratelimit_service("ConfigMap", "ratelimit-config")["data"].items()
+    (tmp_path / name).write_text(text)
+    engine = RateLimitEngine(tmp_path, tmp_path / name, redis.port)
+    try:
+        domain = the_wasmplugin("wasmplugin-global.yaml")["spec"]["pluginConfig"]["global"]["domain"]
+        assert engine.banner.group(2) == domain
+    finally:
+        engine.stop()
 
 
 # --- make oci -------------------------------------------------------------------------------------
@@ -676,10 +793,11 @@ def test_oci_image_is_the_single_layer_compat_wasm_image_istio_reads(oci_layout)
     assert config["rootfs"] == {"type": "layers", "diff_ids": [diff_id]}
 
 
-def test_oci_image_is_reproducible_and_fills_in_the_wasmplugin(oci_layout, tmp_path):
+@pytest.mark.parametrize("file", WASMPLUGIN_FILES)
+def test_oci_image_is_reproducible_and_fills_in_the_wasmplugin(oci_layout, tmp_path, file):
     layout, digest = oci_layout
     image = "registry.example.com/team/rocketchat-ratelimit:" + TAG
-    again = run_oci_tool(tmp_path / "again", "--wasmplugin", str(ISTIO_DIR / "wasmplugin.yaml"),
+    again = run_oci_tool(tmp_path / "again", "--wasmplugin", str(ISTIO_DIR / file),
                          "--wasmplugin-out", str(tmp_path / "wasmplugin.yaml"), "--image", image)
     assert again == digest
     for path in layout.rglob("*"):
@@ -689,7 +807,7 @@ def test_oci_image_is_reproducible_and_fills_in_the_wasmplugin(oci_layout, tmp_p
     [plugin] = [d for d in filled if d["kind"] == "WasmPlugin"]
     assert plugin["spec"]["sha256"] == digest.split(":")[1]
     assert plugin["spec"]["url"] == "oci://" + image
-    shipped = the_wasmplugin()
+    shipped = the_wasmplugin(file)
     assert {k: v for k, v in plugin["spec"].items() if k not in ("sha256", "url")} == \
         {k: v for k, v in shipped["spec"].items() if k not in ("sha256", "url")}
 
