@@ -179,8 +179,22 @@ bench-empty-filter: target binaryen
 		--target-dir $(CURDIR)/target/bench/empty-filter
 	@test $(EMPTY_WASM) -nt $(EMPTY_CARGO_WASM) || $(WASM_OPT) $(EMPTY_CARGO_WASM) -o $(EMPTY_WASM)
 
-bench: tools build wrk bench-empty-filter
+bench: tools build wrk bench-empty-filter bench-no-verdict-cache engine
 	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) bench/global_bench.py
+
+# `global` mode without its local over-limit verdicts (cargo feature bench-no-verdict-cache),
+# for bench/global_bench.py's flood comparison; never shipped.
+NO_CACHE_WASM := $(CURDIR)/target/bench/no-verdict-cache/$(WASM_TARGET)/release/rocketchat_ratelimit_wasm.wasm
+export BENCH_NO_VERDICT_CACHE_WASM := $(NO_CACHE_WASM)
+.PHONY: bench-no-verdict-cache bench-global
+bench-no-verdict-cache: target
+	CARGO_TARGET_DIR=$(CURDIR)/target/bench/no-verdict-cache cargo build --release --target $(WASM_TARGET) \
+		--features bench-no-verdict-cache
+
+# Only the global part of `make bench`.
+bench-global: tools build bench-no-verdict-cache engine wrk
+	$(PY) bench/global_bench.py $(BENCH_ARGS)
 
 bench-smoke: tools build wrk bench-empty-filter
 	$(PY) bench/bench.py --rounds 1 --seconds 1 --warmup 1 --cas-seconds 1 \

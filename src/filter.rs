@@ -40,6 +40,9 @@ const METRICS_FLUSH_MS: u32 = 100;
 const PERMISSIONS_RETRY_MS: u64 = 5_000;
 /// Largest callout answer read (a `me` or `permissions.listAll` body).
 const MAX_ANSWER_BYTES: usize = 4 << 20;
+/// Over-limit verdicts kept locally (SPEC §10); off only in a benchmark build that measures
+/// what they save.
+const VERDICT_CACHE: bool = !cfg!(feature = "bench-no-verdict-cache");
 /// Largest Rate Limit Service answer read (one descriptor status is a few dozen bytes).
 const MAX_ENGINE_ANSWER_BYTES: usize = 64 << 10;
 
@@ -282,15 +285,7 @@ impl Active {
         reset_ms: u64,
         now_ms: u64,
     ) -> Asked {
-        let exhausted = decision::exhausted_until(
-            &self.config,
-            &HostSharedData,
-            &mut self.key_buf.borrow_mut(),
-            &mut self.value_buf.borrow_mut(),
-            &countable,
-            now_ms,
-        );
-        if let Some(reset_ms) = exhausted {
+        if let Some(reset_ms) = self.known_over_limit(&countable, now_ms) {
             self.metrics.inc(Counter::GlobalCachedLimited);
             return Asked::Done(self.apply(&countable, self.over_limit(reset_ms), now_ms));
         }
@@ -318,6 +313,22 @@ impl Active {
                 ))
             }
         }
+    }
+
+    /// The reset of a bucket this replica knows to be over its limit in this window (an
+    /// engine's OVER_LIMIT, or its own full count after a fallback): one shared-data read.
+    fn known_over_limit(&self, countable: &Countable, now_ms: u64) -> Option<u64> {
+        if !VERDICT_CACHE {
+            return None;
+        }
+        decision::exhausted_until(
+            &self.config,
+            &HostSharedData,
+            &mut self.key_buf.borrow_mut(),
+            &mut self.value_buf.borrow_mut(),
+            countable,
+            now_ms,
+        )
     }
 
     /// Sends `waiting`'s question, with the time it has left.
@@ -399,15 +410,17 @@ impl Active {
                 self.resume(waiting.context_id, || self.apply(&countable, pass, now_ms));
             }
             Verdict::OverLimit => {
-                let events = decision::mark_exhausted(
-                    &self.config,
-                    &HostSharedData,
-                    &mut self.key_buf.borrow_mut(),
-                    &mut self.value_buf.borrow_mut(),
-                    &countable,
-                    now_ms,
-                );
-                self.metrics.record(&events);
+                if VERDICT_CACHE {
+                    let events = decision::mark_exhausted(
+                        &self.config,
+                        &HostSharedData,
+                        &mut self.key_buf.borrow_mut(),
+                        &mut self.value_buf.borrow_mut(),
+                        &countable,
+                        now_ms,
+                    );
+                    self.metrics.record(&events);
+                }
                 let over = self.over_limit(waiting.reset_ms);
                 self.resume(waiting.context_id, || self.apply(&countable, over, now_ms));
             }
@@ -422,10 +435,15 @@ impl Active {
                 });
             }
         }
+        // Without local verdicts (a benchmark build), the queued requests ask one by one.
+        let dequeue = match verdict {
+            Verdict::OverLimit if !VERDICT_CACHE => Verdict::Admit { remaining: 0 },
+            v => v,
+        };
         let next = self
             .engine_queue
             .borrow_mut()
-            .ended(fingerprint, verdict, now_ms);
+            .ended(fingerprint, dequeue, now_ms);
         for w in next.reject {
             let over = self.over_limit(w.reset_ms);
             self.resume(w.context_id, || {
@@ -436,15 +454,7 @@ impl Active {
         let mut fall_back = next.fall_back;
         if let Some(w) = next.dispatch {
             // Another worker may have seen the bucket go over its limit meanwhile.
-            let exhausted = decision::exhausted_until(
-                &self.config,
-                &HostSharedData,
-                &mut self.key_buf.borrow_mut(),
-                &mut self.value_buf.borrow_mut(),
-                &w.countable,
-                now_ms,
-            );
-            if let Some(reset_ms) = exhausted {
+            if let Some(reset_ms) = self.known_over_limit(&w.countable, now_ms) {
                 let rest =
                     self.engine_queue
                         .borrow_mut()

@@ -5,20 +5,16 @@ counting) backed by a real redis-server. The tests start and stop all of it, by 
 
 import concurrent.futures
 import itertools
-import os
+import json
 import signal
-import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import Envoy, envoy_config, free_port, wait_for, wasm_filter
+from conftest import Envoy, free_port
+from global_stack import Engine, Redis, global_envoy_config
 
-ENGINE_BIN = os.environ.get(
-    "ENGINE_BIN", str(Path(__file__).resolve().parent.parent / "target/engine/release/ratelimit-engine"))
 REPLICAS = 3
 CONCURRENCY = 2
 TIMEOUT_MS = 100
@@ -26,85 +22,6 @@ TIMEOUT_MS = 100
 # checked here adds room for this shared 2-core machine, and still catches a hang (Envoy's
 # route timeout is 10 s).
 WAIT_BOUND_S = (TIMEOUT_MS + 100) / 1000 + 0.8
-
-
-class Redis:
-    def __init__(self, tmp_path):
-        if subprocess.run(["which", "redis-server"], capture_output=True).returncode != 0:
-            raise AssertionError("redis-server not installed: run the tests through `make test`")
-        self.port = free_port()
-        self.dir = tmp_path
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.command("PING") == b"+PONG", 10, "redis-server")
-        return self
-
-    def command(self, *words):
-        """One RESP command, e.g. command("PING") → b"+PONG"."""
-        request = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(request.encode())
-            return s.recv(65536).strip()
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-class Engine:
-    def __init__(self, tmp_path, redis_port, domain="rocketchat"):
-        if not Path(ENGINE_BIN).exists():
-            raise AssertionError(f"engine not built at {ENGINE_BIN}: run the tests through `make test`")
-        self.config = tmp_path / f"engine-{domain}.yaml"
-        self.config.write_text(f"domain: {domain}\n")
-        self.redis_port = redis_port
-        self.port = free_port()
-        self.proc = None
-        self.log_path = tmp_path / f"engine-{self.port}.log"
-
-    def start(self):
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [ENGINE_BIN, "--listen", f"127.0.0.1:{self.port}", "--redis", f"127.0.0.1:{self.redis_port}",
-             "--config", str(self.config)], stdout=self.log, stderr=self.log)
-        wait_for(lambda: b"listening on" in self.log_path.read_bytes(), 10, "ratelimit-engine")
-        return self
-
-    def signal(self, sig):
-        self.proc.send_signal(sig)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
-        if getattr(self, "log", None):
-            self.log.close()
-
-
-def global_envoy_config(listen_port, admin_port, upstream_port, engine_port, plugin_config):
-    config = envoy_config(listen_port, admin_port, upstream_port, [wasm_filter(plugin_config)],
-                          xff_trusted_hops=1)
-    config["static_resources"]["clusters"].append({
-        "name": "ratelimit",
-        "type": "STATIC",
-        "connect_timeout": "0.25s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {"cluster_name": "ratelimit", "endpoints": [{"lb_endpoints": [{
-            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": engine_port}}}}]}]},
-    })
-    return config
 
 
 def plugin(limit=10, interval_ms=60000, on_failure="local", **extra):
@@ -126,7 +43,7 @@ class Gateway:
             cfg = global_envoy_config(port, admin, upstream_port, ep, plugin_config)
             e = Envoy(tmp_path, config=cfg, concurrency=CONCURRENCY)
             e.port, e.admin_port = port, admin
-            e.config_path.write_text(__import__("json").dumps(cfg))
+            e.config_path.write_text(json.dumps(cfg))
             self.envoys.append(e)
         self.rr = itertools.count()
         self.lock = threading.Lock()
@@ -221,7 +138,7 @@ def test_exactly_L_across_three_replicas_every_trial(gateway_factory):
     gw = gateway_factory(plugin(limit=limit))
     for trial in range(20):
         client = fresh_client()
-        responses = gw.burst(3 * limit, f"/api/v1/users.info", client)
+        responses = gw.burst(3 * limit, "/api/v1/users.info", client)
         admitted = [r for r in responses if r.status == 200]
         limited = [r for r in responses if r.status == 429]
         assert len(admitted) == limit, (trial, statuses(responses))
