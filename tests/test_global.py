@@ -307,3 +307,45 @@ def test_bypass_users_never_reach_the_engine(gateway_factory, upstream):
     responses = [gw.request("/api/v1/notbypassed", client, headers=user) for _ in range(6)]
     assert statuses(responses).count(200) == 2
     assert gw.metric("global_calls") > calls
+
+
+def test_configuration_pushes_keep_the_engines_count(tmp_path, upstream, engine):
+    from test_config_push import LdsEnvoy, remaining
+
+    lds = LdsEnvoy(tmp_path, upstream.port, plugin(limit=10))
+    # The engine's cluster beside the upstream's, in the bootstrap.
+    boot = json.loads(lds.envoy.config_path.read_text())
+    boot["static_resources"]["clusters"] = global_envoy_config(
+        0, 0, upstream.port, engine.port, {})["static_resources"]["clusters"]
+    lds.envoy.config_path.write_text(json.dumps(boot))
+    envoy = lds.envoy.start()
+    stop, failures = threading.Event(), []
+
+    def background():
+        while not stop.is_set():
+            r = envoy.request("GET", "/api/v1/background.global")
+            if r.status >= 500:
+                failures.append(r)
+
+    t = threading.Thread(target=background)
+    t.start()
+    try:
+        path = "/api/v1/push.global"
+        assert [remaining(envoy, path) for _ in range(4)] == [(200, str(9 - i)) for i in range(4)]
+        # Another route changes: this bucket's count at the engine is untouched.
+        lds.push(plugin(limit=10, routes=[{"path": "/api/v1/other", "rateLimiterOptions": {"numRequestsAllowed": 2}}]))
+        assert remaining(envoy, path) == (200, "5")
+        # A lower limit applies to the count already made (5): one more, then the 429.
+        lds.push(plugin(limit=6))
+        assert remaining(envoy, path) == (200, "0")
+        assert remaining(envoy, path) == (429, "0")
+        # A higher limit gives the rest back. The engine counted the rejected request too
+        # (envoyproxy/ratelimit increments first): 7 used of 12.
+        lds.push(plugin(limit=12))
+        assert remaining(envoy, path) == (200, "4")
+        assert envoy.metric("global_failures") == 0
+    finally:
+        stop.set()
+        t.join()
+        envoy.stop()
+    assert not failures, failures[:3]
