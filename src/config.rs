@@ -17,7 +17,6 @@ use serde::de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, Seq
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::global::OnFailure;
 use crate::limiter::{Limit, WAYS_PER_SET};
 use crate::route::{RouteTable, RouteTableBuilder};
 
@@ -400,6 +399,15 @@ pub struct GlobalConfig {
     pub domain: String,
     pub timeout_ms: u64,
     pub on_failure: OnFailure,
+}
+
+/// What happens to a request when the engine cannot answer it (SPEC §10 `on_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Counted by this replica's own exact counter (SPEC §4): worst case N × L.
+    Local,
+    /// Let through, uncounted.
+    Allow,
 }
 
 /// Longest `global.timeout_ms`.

@@ -14,10 +14,10 @@ use std::rc::Rc;
 
 use crate::bypass::{self, CacheState, MeAnswer, SharedRoles};
 use crate::client::client_ip;
-use crate::config::{self, BypassConfig, Config, GlobalConfig};
+use crate::config::{self, BypassConfig, Config, GlobalConfig, OnFailure};
 use crate::decision::{self, Action as Decided, Countable};
 use crate::fingerprint::Seed;
-use crate::global::{self, OnFailure, Queue, Verdict, Waiting};
+use crate::global::{self, Queue, Verdict, Waiting};
 use crate::headers;
 use crate::host::{self, HostSharedData};
 use crate::limiter::window_end;

@@ -26,15 +26,6 @@ use crate::limiter::window_end;
 use crate::response::Decimal;
 use crate::rls::{self, Code, Descriptor};
 
-/// What happens to a request when the engine cannot answer it (SPEC §10 `on_failure`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnFailure {
-    /// Counted by this replica's own exact counter (SPEC §4): worst case N × L.
-    Local,
-    /// Let through, uncounted.
-    Allow,
-}
-
 /// The `ShouldRateLimit` message for one request of `countable`'s bucket.
 pub fn engine_request(
     domain: &str,
