@@ -28,6 +28,7 @@ use crate::parking::{Answer, Parking, Seen};
 use crate::response::{too_many_requests, RateLimitHeaders};
 use crate::rls;
 use crate::store::{self, SharedStore, StoreError, Updated};
+use crate::verdicts::Exhausted;
 
 const SEED_KEY: &str = "rlrc1:seed";
 const SOURCE_ADDRESS: &[u8] = b"source\0address";
@@ -131,6 +132,9 @@ struct Active {
     bypass: Option<BypassRuntime>,
     /// Buckets with a Rate Limit Service call in flight on this VM (SPEC §10).
     engine_queue: RefCell<Queue>,
+    /// Buckets this VM has seen over their limit, until their reset: a flood's requests are
+    /// answered without a shared-data read or an engine call.
+    exhausted: RefCell<Exhausted>,
     /// `x-ratelimit-*` values of paused requests that were finished and let through, for
     /// their response phase.
     resumed: RefCell<BTreeMap<u32, RateLimitHeaders>>,
@@ -172,6 +176,13 @@ impl Active {
     /// Counts a request in this replica's counter (on the *effective* context) and applies
     /// the verdict: the headers to add in the response phase, or the 429 sent (`Err`).
     fn count(&self, countable: &Countable, now_ms: u64) -> Result<Option<RateLimitHeaders>, ()> {
+        let known = self
+            .exhausted
+            .borrow()
+            .until(countable.fingerprint, countable.limit, now_ms);
+        if let Some(reset_ms) = known {
+            return self.apply(countable, self.over_limit(reset_ms), now_ms);
+        }
         let (decided, events) = decision::count_request(
             &self.config,
             &HostSharedData,
@@ -181,7 +192,17 @@ impl Active {
             now_ms,
         );
         self.metrics.record(&events);
+        if let Decided::Reject { reset_ms } | Decided::DryRunLimited { reset_ms } = decided {
+            self.remember_exhausted(countable, reset_ms, now_ms);
+        }
         self.apply(countable, decided, now_ms)
+    }
+
+    fn remember_exhausted(&self, countable: &Countable, reset_ms: u64, now_ms: u64) {
+        if VERDICT_CACHE {
+            let mut exhausted = self.exhausted.borrow_mut();
+            exhausted.remember(countable.fingerprint, countable.limit, reset_ms, now_ms);
+        }
     }
 
     /// Applies a decision to the effective context: the headers to add in the response
@@ -321,14 +342,25 @@ impl Active {
         if !VERDICT_CACHE {
             return None;
         }
-        decision::exhausted_until(
+        let known = self
+            .exhausted
+            .borrow()
+            .until(countable.fingerprint, countable.limit, now_ms);
+        if known.is_some() {
+            return known;
+        }
+        let shared = decision::exhausted_until(
             &self.config,
             &HostSharedData,
             &mut self.key_buf.borrow_mut(),
             &mut self.value_buf.borrow_mut(),
             countable,
             now_ms,
-        )
+        );
+        if let Some(reset_ms) = shared {
+            self.remember_exhausted(countable, reset_ms, now_ms);
+        }
+        shared
     }
 
     /// Sends `waiting`'s question, with the time it has left.
@@ -421,6 +453,7 @@ impl Active {
                     );
                     self.metrics.record(&events);
                 }
+                self.remember_exhausted(&countable, waiting.reset_ms, now_ms);
                 let over = self.over_limit(waiting.reset_ms);
                 self.resume(waiting.context_id, || self.apply(&countable, over, now_ms));
             }
@@ -684,6 +717,7 @@ impl Root {
             value_buf: RefCell::new(Vec::with_capacity(crate::limiter::SET_BYTES)),
             warnings: RefCell::default(),
             engine_queue: RefCell::default(),
+            exhausted: RefCell::default(),
             resumed: RefCell::default(),
         }));
         true

@@ -21,6 +21,7 @@ pub mod response;
 pub mod rls;
 pub mod route;
 pub mod store;
+pub mod verdicts;
 
 #[cfg(target_arch = "wasm32")]
 mod abi;

@@ -12,7 +12,8 @@ BODY_PREFIX = ('{"success":false,"error":"Error, too many requests. Please slow 
                'You must wait ')
 BODY_SUFFIX = ' seconds before trying this endpoint again. [error-too-many-requests]"}'
 METRICS = ["allowed", "limited", "dry_run_limited", "bypassed", "not_limited",
-           "callout_failures", "cas_retries", "store_errors", "table_collisions", "tracked_clients"]
+           "callout_failures", "cas_retries", "store_errors", "table_collisions", "tracked_clients",
+           "global_calls", "global_failures", "global_cached_limited"]
 
 
 def now_ms():
@@ -240,6 +241,26 @@ def test_exactly_the_limit_passes_with_four_workers_and_64_connections(envoy_fac
     assert upstream.stats()["hits"]["/api/v1/hot.route"] == 1000  # a path no other test uses
     assert envoy.metric("allowed") == 1000 and envoy.metric("limited") == 2000
     assert envoy.metric("store_errors") == 0
+
+
+def test_a_bucket_exhausted_on_one_worker_stays_exact_on_the_others(envoy_factory):
+    """Issue 13: a VM that saw a bucket over its limit answers its next requests without a
+    shared-data read, until the reset. The other workers still count exactly, and the next
+    window is exact again."""
+    limit, interval = 50, 4000
+    envoy = envoy_factory({"default": {"numRequestsAllowed": limit, "intervalTimeInMS": interval}},
+                          concurrency=4, direct_response=True).start()
+    for window in range(2):
+        while now_ms() % interval > 800:  # start early in a window: the burst fits in it
+            time.sleep(0.02)
+        start = now_ms() // interval
+        first = hammer(envoy, "/api/v1/exhausted.bucket", connections=64, total=4 * limit)
+        again = hammer(envoy, "/api/v1/exhausted.bucket", connections=64, total=4 * limit)
+        assert now_ms() // interval == start, "the burst crossed a window; the machine is too slow"
+        assert first == {200: limit, 429: 3 * limit}, (window, first)
+        assert again == {429: 4 * limit}, (window, again)
+        time.sleep((start + 1) * interval / 1000 - time.time() + 0.05)
+    assert envoy.metric("allowed") == 2 * limit and envoy.metric("store_errors") == 0
 
 
 def test_simultaneous_first_requests_of_fresh_buckets(envoy_factory):

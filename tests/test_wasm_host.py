@@ -212,6 +212,55 @@ def test_the_request_over_the_limit_gets_rocketchats_429_and_writes_nothing():
     assert ratelimit_headers(req)["x-ratelimit-remaining"] == str(DEFAULT_LIMIT - 1)
 
 
+# The host calls of a request whose bucket this VM has already seen over its limit (issue 13):
+# no shared-data read at all, only what the 429 itself needs.
+FLOODED_REQUEST = [
+    ("get_header_map_value", "request_headers", ":path"),
+    ("get_header_map_value", "request_headers", ":method"),
+    ("get_property", "source.address"),
+    ("get_current_time_nanoseconds",),
+    ("send_local_response", "<429>"),
+]
+
+
+def test_a_flood_costs_no_shared_data_once_this_vm_saw_the_bucket_exhausted():
+    v = vm()
+    other = Vm(FILTER_WASM, v.process)  # another worker of the same Envoy
+    assert other.start("{}")
+    for _ in range(DEFAULT_LIMIT + 1):  # the limit, then the first 429 (read, no write)
+        req = v.http(path="/api/v1/flood.me", source="10.6.6.6:1")
+        req.request_headers()
+        req.end()
+    v.take_calls()
+    for n in range(3):
+        req = v.http(path="/api/v1/flood.me", source="10.6.6.6:2")
+        assert req.request_headers() == PAUSE
+        calls = v.take_calls()
+        assert sorted(c.name for c in calls) == sorted(k[0] for k in FLOODED_REQUEST), (n, calls)
+        assert req.local_reply.status == 429
+        req.end()
+    # The other worker has not seen it yet: one read, then it knows too; still exact.
+    req = other.http(path="/api/v1/flood.me", source="10.6.6.6:3")
+    assert req.request_headers() == PAUSE
+    assert "get_shared_data" in names(other.take_calls())
+    req = other.http(path="/api/v1/flood.me", source="10.6.6.6:4")
+    assert req.request_headers() == PAUSE
+    assert "get_shared_data" not in names(other.take_calls())
+    # A push that raises the limit asks the counter again: 2 more pass.
+    assert v.configure(json.dumps({"default": {"numRequestsAllowed": DEFAULT_LIMIT + 2}}))
+    v.take_calls()
+    statuses = []
+    for _ in range(3):
+        req = v.http(path="/api/v1/flood.me", source="10.6.6.6:5")
+        statuses.append(req.request_headers())
+        req.end()
+    assert statuses == [CONTINUE, CONTINUE, PAUSE]
+    # The window's end frees it.
+    v.process.clock.now_ms = RESET_MS
+    req = v.http(path="/api/v1/flood.me", source="10.6.6.6:6")
+    assert req.request_headers() == CONTINUE
+
+
 # --- 3. a request parked on another worker's lookup, resumed by the tick -------------------------
 def two_workers_one_user(roles):
     """Worker A looks alice up (its `me` callout in flight); worker B gets a request of hers
