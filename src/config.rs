@@ -17,6 +17,8 @@ use serde::de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, Seq
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::client::Prefixes;
+use crate::edge::CredentialPaths;
 use crate::limiter::{Limit, WAYS_PER_SET};
 use crate::route::{RouteTable, RouteTableBuilder};
 
@@ -88,6 +90,12 @@ struct RawConfig<'a> {
     bypass: Option<Object<RawBypass<'a>>>,
     #[serde(borrow)]
     global: Option<Object<RawGlobal<'a>>>,
+    https_only_login: Option<Flag>,
+    ietf_headers: Option<Flag>,
+    #[serde(borrow)]
+    client_ipv4_prefix: Option<Number<'a>>,
+    #[serde(borrow)]
+    client_ipv6_prefix: Option<Number<'a>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +143,8 @@ struct RawBypass<'a> {
     cache_ttl_ms: Option<Number<'a>>,
     #[serde(borrow)]
     refresh_interval_ms: Option<Number<'a>>,
+    #[serde(borrow)]
+    lookups_per_client_per_minute: Option<Number<'a>>,
 }
 
 /// The error for a string where another type belongs: `invalid type: string, expected …`,
@@ -351,6 +361,8 @@ pub struct BypassConfig {
     pub timeout_ms: u64,
     pub cache_ttl_ms: u64,
     pub refresh_interval_ms: u64,
+    /// At most this many `me` lookups (cache misses) per client per minute (SPEC §11).
+    pub lookups_per_client_per_minute: u32,
 }
 
 // Debug by hand: the derived one would print the service token.
@@ -373,6 +385,10 @@ impl fmt::Debug for BypassConfig {
             .field("timeout_ms", &self.timeout_ms)
             .field("cache_ttl_ms", &self.cache_ttl_ms)
             .field("refresh_interval_ms", &self.refresh_interval_ms)
+            .field(
+                "lookups_per_client_per_minute",
+                &self.lookups_per_client_per_minute,
+            )
             .finish()
     }
 }
@@ -389,6 +405,13 @@ pub struct Config {
     pub bypass: Option<BypassConfig>,
     /// SPEC §10: counts shared by every replica through a Rate Limit Service.
     pub global: Option<GlobalConfig>,
+    /// SPEC §11 `https_only_login`: the paths that carry credentials, refused unless the
+    /// request reached Envoy over TLS; `None` when off.
+    pub https_only_login: Option<CredentialPaths>,
+    /// SPEC §11 `ietf_headers`: `RateLimit-Policy` and `RateLimit` beside `x-ratelimit-*`.
+    pub ietf_headers: bool,
+    /// SPEC §11 `client_ipv4_prefix` / `client_ipv6_prefix`.
+    pub client_prefixes: Prefixes,
 }
 
 /// The `global` block (SPEC §10), validated.
@@ -683,6 +706,17 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
         None => None,
     };
 
+    let prefix_len = |field: &str, value: Option<Number>, max: u64, default: u8| match value {
+        Some(n) => positive(field, n, max, &max.to_string()).map(|n| n as u8),
+        None => Ok(default),
+    };
+    let client_prefixes = Prefixes {
+        v4: prefix_len("client_ipv4_prefix", raw.client_ipv4_prefix, 32, 32)?,
+        v6: prefix_len("client_ipv6_prefix", raw.client_ipv6_prefix, 128, 64)?,
+    };
+    let https_only_login =
+        flag(raw.https_only_login, false).then(|| CredentialPaths::new(&api_prefix));
+
     Ok(Config {
         limiting: enabled && (!development || enabled_in_development),
         dry_run: flag(raw.dry_run, false),
@@ -692,6 +726,9 @@ fn compile(raw: RawConfig<'_>) -> Result<Config, ConfigError> {
         routes: table.build(),
         bypass,
         global,
+        https_only_login,
+        ietf_headers: flag(raw.ietf_headers, false),
+        client_prefixes,
     })
 }
 
@@ -780,6 +817,15 @@ fn compile_bypass(raw: RawBypass<'_>) -> Result<BypassConfig, ConfigError> {
             raw.refresh_interval_ms,
             60_000,
         )?,
+        lookups_per_client_per_minute: match raw.lookups_per_client_per_minute {
+            Some(n) => positive(
+                "bypass.lookups_per_client_per_minute",
+                n,
+                MAX_REQUESTS,
+                "2147483647",
+            )? as u32,
+            None => 20,
+        },
     })
 }
 
@@ -801,6 +847,9 @@ mod tests {
             assert!(c.retry_after);
             assert_eq!(c.max_tracked_clients, 100_000);
             assert!(c.bypass.is_none());
+            assert!(c.https_only_login.is_none());
+            assert!(!c.ietf_headers);
+            assert_eq!(c.client_prefixes, Prefixes { v4: 32, v6: 64 });
         }
     }
 
@@ -809,7 +858,7 @@ mod tests {
     #[test]
     fn mistakes_are_named_exactly() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"enabeld":true}"#, "enabeld: unknown field `enabeld`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`, `global`"),
+            (r#"{"enabeld":true}"#, "enabeld: unknown field `enabeld`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`, `global`, `https_only_login`, `ietf_headers`, `client_ipv4_prefix`, `client_ipv6_prefix`"),
             (r#"{"routes":[{"path":"/api/v1/x","methd":"GET","rateLimiterOptions":false}]}"#, "routes[0].methd: unknown field `methd`, expected one of `path`, `method`, `rateLimiterOptions`"),
             (r#"{"default":{"numRequestsAllowed":0}}"#, "default.numRequestsAllowed: must be a positive integer"),
             (r#"{"default":{"numRequestsAllowed":-3}}"#, "default.numRequestsAllowed: must be a positive integer"),
@@ -851,12 +900,23 @@ mod tests {
             (r#"{"global":{"cluster":"rls","cache":true}}"#, "global.cache: unknown field `cache`, expected one of `cluster`, `domain`, `timeout_ms`, `on_failure`"),
             (r#"{"dry_run":1}"#, "dry_run: invalid type: integer `1`, expected a boolean"),
             (r#"{"default":{"numRequestsAllowed":10,"x":1}}"#, "default.x: unknown field `x`, expected `numRequestsAllowed` or `intervalTimeInMS`"),
-            (r#"{"bypass":{"tiemout_ms":1}}"#, "bypass.tiemout_ms: unknown field `tiemout_ms`, expected one of `cluster`, `authority`, `permission`, `roles`, `me_path`, `permissions_path`, `service_user_id`, `service_auth_token`, `timeout_ms`, `cache_ttl_ms`, `refresh_interval_ms`"),
+            (r#"{"bypass":{"tiemout_ms":1}}"#, "bypass.tiemout_ms: unknown field `tiemout_ms`, expected one of `cluster`, `authority`, `permission`, `roles`, `me_path`, `permissions_path`, `service_user_id`, `service_auth_token`, `timeout_ms`, `cache_ttl_ms`, `refresh_interval_ms`, `lookups_per_client_per_minute`"),
             ("[true]", "configuration: must be a JSON object"),
             (r#""{}""#, "configuration: must be a JSON object"),
             ("null", "configuration: must be a JSON object"),
             (r#"{"max_tracked_clients":99999999999999999999}"#, "max_tracked_clients: must be at most 10000000"),
             (r#"{"bypass":{"cache_ttl_ms":-0}}"#, "bypass.cache_ttl_ms: must be a positive integer"),
+            (r#"{"bypass":{"lookups_per_client_per_minute":0}}"#, "bypass.lookups_per_client_per_minute: must be a positive integer"),
+            (r#"{"bypass":{"lookups_per_client_per_minute":2147483648}}"#, "bypass.lookups_per_client_per_minute: must be at most 2147483647"),
+            (r#"{"bypass":{"lookups_per_client_per_minute":"20"}}"#, "bypass.lookups_per_client_per_minute: invalid type: string, expected a JSON number"),
+            (r#"{"client_ipv6_prefix":0}"#, "client_ipv6_prefix: must be a positive integer"),
+            (r#"{"client_ipv6_prefix":129}"#, "client_ipv6_prefix: must be at most 128"),
+            (r#"{"client_ipv6_prefix":64.5}"#, "client_ipv6_prefix: must be a positive integer"),
+            (r#"{"client_ipv4_prefix":33}"#, "client_ipv4_prefix: must be at most 32"),
+            (r#"{"client_ipv4_prefix":-24}"#, "client_ipv4_prefix: must be a positive integer"),
+            (r#"{"client_ipv4_prefix":"24"}"#, "client_ipv4_prefix: invalid type: string, expected a JSON number"),
+            (r#"{"https_only_login":"yes"}"#, "https_only_login: invalid type: string, expected a boolean"),
+            (r#"{"ietf_headers":1}"#, "ietf_headers: invalid type: integer `1`, expected a boolean"),
         ];
         for (json, want) in cases {
             assert_eq!(&err(json), want, "for {json}");
@@ -896,6 +956,11 @@ mod tests {
             ("bypass", "timeout_ms", "a JSON number"),
             ("bypass", "cache_ttl_ms", "a JSON number"),
             ("bypass", "refresh_interval_ms", "a JSON number"),
+            ("bypass", "lookups_per_client_per_minute", "a JSON number"),
+            ("", "https_only_login", "a boolean"),
+            ("", "ietf_headers", "a boolean"),
+            ("", "client_ipv4_prefix", "a JSON number"),
+            ("", "client_ipv6_prefix", "a JSON number"),
         ];
         for (parent, name, expected) in places {
             let (json, field) = if parent.is_empty() {
@@ -988,6 +1053,37 @@ mod tests {
         let b = c.bypass.unwrap();
         assert_eq!(b.roles, ["admin", "bot", "app"]);
         assert_eq!(b.timeout_ms, 200);
+        assert_eq!(b.lookups_per_client_per_minute, 20);
+    }
+
+    /// SPEC §11: the edge protections, with their defaults and their limits.
+    #[test]
+    fn edge_protection_fields() {
+        let c = parse(
+            br#"{"https_only_login":true,"ietf_headers":true,"client_ipv4_prefix":24,
+                "client_ipv6_prefix":56,"bypass":{"lookups_per_client_per_minute":5}}"#,
+        )
+        .unwrap();
+        assert!(c.https_only_login.is_some());
+        assert!(c.ietf_headers);
+        assert_eq!(c.client_prefixes, Prefixes { v4: 24, v6: 56 });
+        assert_eq!(c.bypass.unwrap().lookups_per_client_per_minute, 5);
+        for (json, prefixes) in [
+            (
+                r#"{"client_ipv4_prefix":1,"client_ipv6_prefix":1}"#,
+                Prefixes { v4: 1, v6: 1 },
+            ),
+            (
+                r#"{"client_ipv4_prefix":32,"client_ipv6_prefix":128}"#,
+                Prefixes { v4: 32, v6: 128 },
+            ),
+        ] {
+            assert_eq!(parse(json.as_bytes()).unwrap().client_prefixes, prefixes);
+        }
+        assert!(parse(br#"{"https_only_login":false}"#)
+            .unwrap()
+            .https_only_login
+            .is_none());
     }
 
     #[test]
@@ -1083,7 +1179,7 @@ mod tests {
             (r#"{"routes":[7]}"#, "routes[0]: invalid type: integer `7`, expected an object"),
             (r#"{"routes":[{"rateLimiterOptions":"x"}]}"#, "routes[0].rateLimiterOptions: invalid type: string, expected an object or false"),
             (r#"{"default":[]}"#, "default: invalid type: sequence, expected an object"),
-            (r#"{"zzz":1,"enabled":"x"}"#, "zzz: unknown field `zzz`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`, `global`"),
+            (r#"{"zzz":1,"enabled":"x"}"#, "zzz: unknown field `zzz`, expected one of `enabled`, `development`, `enabled_in_development`, `api_prefix`, `default`, `preset`, `routes`, `dry_run`, `retry_after`, `max_tracked_clients`, `bypass`, `global`, `https_only_login`, `ietf_headers`, `client_ipv4_prefix`, `client_ipv6_prefix`"),
             (r#"{"enabled":"x","zzz":1}"#, "enabled: invalid type: string, expected a boolean"),
             (r#"{"default":{"numRequestsAllowed":99999999999999999999999}}"#, "default.numRequestsAllowed: must be at most 2147483647"),
             (r#"{"default":{"numRequestsAllowed":1e3}}"#, "default.numRequestsAllowed: must be a positive integer"),

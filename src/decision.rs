@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use crate::client::client_ip;
+use crate::client::{client_id, Prefixes};
 use crate::config::Config;
 use crate::fingerprint::{fingerprint, Seed};
 use crate::limiter::{self, set_index, Limit, Set, Verdict};
@@ -23,17 +23,51 @@ pub struct Countable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classified<'a> {
     pub countable: Countable,
-    /// Envoy's `source.address` (see [`Classified::client_ip`]).
+    /// Envoy's `source.address` (see [`Classified::client`]).
     pub source_address: Vec<u8>,
+    /// The configured client prefixes.
+    pub prefixes: Prefixes,
     /// The route bucket: the normalised path, or the pattern of a pattern entry.
     pub bucket: &'a [u8],
 }
 
 impl Classified<'_> {
-    /// The client IP (SPEC §4.1).
-    pub fn client_ip(&self) -> &[u8] {
-        client_ip(&self.source_address)
+    /// The client (SPEC §4.1, §11): the client IP masked to its prefix, as the bucket's
+    /// fingerprint saw it.
+    pub fn client(&self) -> Cow<'_, [u8]> {
+        client_id(&self.source_address, self.prefixes)
     }
+}
+
+/// What the filter has to do with a request's path (SPEC §3, §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interest<'p> {
+    /// The path's normal form.
+    pub path: Cow<'p, [u8]>,
+    /// Limiting is on and the path is under `api_prefix`: route it.
+    pub limitable: bool,
+    /// `https_only_login` is on and the path carries credentials: it must have come over TLS.
+    pub credentials: bool,
+}
+
+/// The path's normal form and what to do with it, or `None` when there is nothing to do (the
+/// bulk of a Rocket.Chat's traffic: assets, avatars, the realtime API), so that the adapter
+/// reads nothing more of such a request.
+pub fn interest<'p>(config: &Config, raw_path: &'p [u8]) -> Option<Interest<'p>> {
+    if !config.limiting && config.https_only_login.is_none() {
+        return None;
+    }
+    let path = normalise_path(raw_path);
+    let limitable = config.limiting && path.starts_with(config.routes.prefix());
+    let credentials = config
+        .https_only_login
+        .as_ref()
+        .is_some_and(|paths| paths.matches(&path));
+    (limitable || credentials).then_some(Interest {
+        path,
+        limitable,
+        credentials,
+    })
 }
 
 /// Routes a request and, when it is limited, computes its bucket's fingerprint and set.
@@ -74,7 +108,8 @@ pub fn classify_limitable<'a>(
             // Fetched only for limited requests. Absent (never seen from Envoy's HTTP
             // listeners) means every such request shares the empty client: limited, not free.
             let source = source_address().unwrap_or_default();
-            let fp = fingerprint(seed, client_ip(&source), method, bucket);
+            let prefixes = config.client_prefixes;
+            let fp = fingerprint(seed, &client_id(&source, prefixes), method, bucket);
             Some(Classified {
                 countable: Countable {
                     limit,
@@ -82,6 +117,7 @@ pub fn classify_limitable<'a>(
                     set: set_index(fp, config.counter_sets()),
                 },
                 source_address: source,
+                prefixes,
                 bucket,
             })
         }
@@ -385,15 +421,91 @@ mod tests {
             Some(b"[::ffff:10.1.2.3]:4567".to_vec())
         })
         .unwrap();
-        assert_eq!(c.client_ip(), b"10.1.2.3");
+        assert_eq!(c.client().as_ref(), b"10.1.2.3");
         assert_eq!(c.bucket, b"/api/v1/rooms/:/x");
         let path = limitable_path(&config, b"/api/v1/users.info").unwrap();
         let c = classify_limitable(&config, Seed(1, 2), b"GET", &path, || {
             Some(b"10.9.9.9:1".to_vec())
         })
         .unwrap();
-        assert_eq!(c.client_ip(), b"10.9.9.9");
+        assert_eq!(c.client().as_ref(), b"10.9.9.9");
         assert_eq!(c.bucket, b"/api/v1/users.info");
+    }
+
+    /// SPEC §11: every address of one IPv6 /64 is one client (one bucket, one count), and so is
+    /// every address of an IPv4 prefix when one is configured; the engine hears the prefix.
+    #[test]
+    fn clients_are_their_prefix() {
+        let store = MemoryStore::default();
+        let config = parse(br#"{"default":{"numRequestsAllowed":3}}"#).unwrap();
+        ensure_table(&store, config.counter_sets()).unwrap();
+        let sprayer: Vec<String> = (1..=5)
+            .map(|n| format!("[2001:db8:1:2:{n:x}:{n:x}::{n:x}]:0"))
+            .collect();
+        let got: Vec<_> = sprayer
+            .iter()
+            .map(|a| run(&config, &store, "GET", "/api/v1/x", a, 5).unwrap())
+            .collect();
+        assert!(
+            matches!(got[2], Action::Pass { remaining: 0, .. }),
+            "{got:?}"
+        );
+        assert!(matches!(got[3], Action::Reject { .. }), "{got:?}");
+        // The next /64 and an IPv4 client: their own buckets.
+        for other in ["[2001:db8:1:3::1]:0", "10.0.0.1:1", "10.0.0.2:1"] {
+            assert!(matches!(
+                run(&config, &store, "GET", "/api/v1/x", other, 5),
+                Some(Action::Pass { remaining: 2, .. })
+            ));
+        }
+        let path = limitable_path(&config, b"/api/v1/x").unwrap();
+        let c = classify_limitable(&config, Seed(7, 9), b"GET", &path, || {
+            Some(sprayer[0].as_bytes().to_vec())
+        })
+        .unwrap();
+        assert_eq!(c.client().as_ref(), b"2001:db8:1:2::/64");
+
+        let v4 = parse(br#"{"client_ipv4_prefix":24,"default":{"numRequestsAllowed":1}}"#).unwrap();
+        ensure_table(&store, v4.counter_sets()).unwrap();
+        assert!(matches!(
+            run(&v4, &store, "GET", "/api/v1/y", "10.9.9.1:1", 5),
+            Some(Action::Pass { .. })
+        ));
+        assert!(matches!(
+            run(&v4, &store, "GET", "/api/v1/y", "10.9.9.200:1", 5),
+            Some(Action::Reject { .. })
+        ));
+        assert!(matches!(
+            run(&v4, &store, "GET", "/api/v1/y", "10.9.8.1:1", 5),
+            Some(Action::Pass { .. })
+        ));
+    }
+
+    #[test]
+    fn interest_in_a_path() {
+        let plain = parse(b"").unwrap();
+        assert_eq!(interest(&plain, b"/assets/x.png"), None);
+        let i = interest(&plain, b"/api/v1//login").unwrap();
+        assert_eq!(
+            (i.path.as_ref(), i.limitable, i.credentials),
+            (&b"/api/v1/login"[..], true, false)
+        );
+        let https = parse(br#"{"https_only_login":true}"#).unwrap();
+        let i = interest(&https, b"/api/v1/login/").unwrap();
+        assert!(i.limitable && i.credentials);
+        let i = interest(&https, b"/api/v1/users.info").unwrap();
+        assert!(i.limitable && !i.credentials);
+        let i = interest(&https, b"/api/experimental/login").unwrap();
+        assert!(!i.limitable && i.credentials);
+        // Limiting off: only the credential paths are looked at.
+        let off = parse(br#"{"enabled":false,"https_only_login":true}"#).unwrap();
+        assert_eq!(interest(&off, b"/api/v1/users.info"), None);
+        let i = interest(&off, b"/api/v1/method.callAnon/login").unwrap();
+        assert!(!i.limitable && i.credentials);
+        assert_eq!(
+            interest(&parse(br#"{"enabled":false}"#).unwrap(), b"/api/v1/login"),
+            None
+        );
     }
 
     #[test]

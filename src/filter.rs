@@ -16,22 +16,26 @@ use crate::bypass::{self, CacheState, MeAnswer, SharedRoles};
 use crate::client::client_ip;
 use crate::config::{self, BypassConfig, Config, GlobalConfig, OnFailure};
 use crate::decision::{self, Action as Decided, Countable};
+use crate::edge;
 use crate::fingerprint::Seed;
 use crate::global::{self, Queue, Verdict, Waiting};
 use crate::headers;
 use crate::host::{self, HostSharedData};
+use crate::limiter::set_index;
 use crate::limiter::window_end;
 use crate::lookup::{self, Claim, LocalAnswers};
 use crate::metrics::GAUGE_TRACKED_CLIENTS;
 use crate::metrics::{Counter, Events, PendingMetrics, Throttle, COUNTER_NAMES};
 use crate::parking::{Answer, Parking, Seen};
-use crate::response::{too_many_requests, RateLimitHeaders};
+use crate::response::{self, too_many_requests, Ietf, RateLimitHeaders};
 use crate::rls;
 use crate::store::{self, SharedStore, StoreError, Updated};
 use crate::verdicts::Exhausted;
 
 const SEED_KEY: &str = "rlrc1:seed";
 const SOURCE_ADDRESS: &[u8] = b"source\0address";
+/// The TLS version of the downstream connection; absent on a plain one.
+const TLS_VERSION: &[u8] = b"connection\0tls_version";
 /// How often a VM with bypass on looks at lookups other workers run, and at the bypass roles
 /// (and flushes its metrics).
 const TICK_MS: u32 = 20;
@@ -214,10 +218,17 @@ impl Active {
         now_ms: u64,
     ) -> Result<Option<RateLimitHeaders>, ()> {
         let limit = countable.limit.requests.get();
+        let ietf = |reset_ms| {
+            let interval_ms = countable.limit.interval_ms.get();
+            self.config
+                .ietf_headers
+                .then(|| Ietf::new(interval_ms, reset_ms, now_ms))
+        };
         let headers = |remaining, reset_ms| RateLimitHeaders {
             limit,
             remaining,
             reset_ms,
+            ietf: ietf(reset_ms),
         };
         match decided {
             Decided::Pass {
@@ -234,7 +245,13 @@ impl Active {
             }
             Decided::Reject { reset_ms } => {
                 self.metrics.inc(Counter::Limited);
-                let reply = too_many_requests(limit, reset_ms, now_ms, self.config.retry_after);
+                let reply = too_many_requests(
+                    limit,
+                    reset_ms,
+                    now_ms,
+                    self.config.retry_after,
+                    ietf(reset_ms),
+                );
                 let sent = host::send_local_response(
                     reply.status,
                     "rocketchat_ratelimit",
@@ -573,6 +590,22 @@ impl Active {
         }
     }
 
+    /// Spends one `me` lookup of `client`'s budget of the minute (SPEC §11); `false` once it
+    /// is used up. A store that fails lets the lookup happen (counted in `store_errors`).
+    fn spend_lookup(&self, per_minute: u32, client: &[u8], now_ms: u64) -> bool {
+        let Some(limit) = lookup::budget_limit(per_minute) else {
+            return true;
+        };
+        let budget_fp = lookup::budget_fingerprint(self.seed, client);
+        let mut key = String::with_capacity(24);
+        let index = set_index(budget_fp, lookup::BUDGET_SETS);
+        store::table_set_key(&mut key, lookup::BUDGET_TABLE, lookup::BUDGET_SETS, index);
+        self.update(&key, |bytes| {
+            lookup::spend_lookup(bytes, budget_fp, limit, now_ms)
+        })
+        .unwrap_or(true)
+    }
+
     /// One shared-record update through the store's CAS loop, its retries and errors counted.
     fn update<W: AsRef<[u8]>, T>(
         &self,
@@ -638,6 +671,7 @@ fn ensure_bypass_tables(b: &BypassConfig) -> Result<(), StoreError> {
         &SharedRoles::default().encode(),
         &mut buf,
     )?;
+    store::ensure_table_in(&store, lookup::BUDGET_TABLE, lookup::BUDGET_SETS)?;
     let ready = bypass::user_table_ready_key();
     if store.get(&ready, &mut buf)?.is_some() {
         return Ok(());
@@ -797,6 +831,32 @@ pub struct Http {
     headers: Option<RateLimitHeaders>,
 }
 
+/// SPEC §11: does this request, on a path that carries credentials, have to be refused because
+/// it did not reach Envoy over TLS? `forwarded_proto`: `x-forwarded-proto` if the header map was
+/// already read (`Some(None)`: absent), else read here; the TLS property only if needed.
+fn https_required(
+    config: &Config,
+    method: &[u8],
+    path: &[u8],
+    forwarded_proto: Option<Option<&[u8]>>,
+) -> bool {
+    let Some(paths) = &config.https_only_login else {
+        return false;
+    };
+    if !paths.covers(method, path) {
+        return false;
+    }
+    let read;
+    let proto = match forwarded_proto {
+        Some(known) => known,
+        None => {
+            read = host::header(host::MAP_REQUEST_HEADERS, "x-forwarded-proto");
+            read.as_deref()
+        }
+    };
+    !edge::over_tls(proto, || host::property(TLS_VERSION))
+}
+
 /// A header value that may be sent on in a callout: present, non-empty, UTF-8.
 fn credential(value: Option<&[u8]>) -> Option<&str> {
     value
@@ -821,20 +881,28 @@ impl Http {
         };
         // With bypass on, four request headers are needed: one host call for the whole map
         // beats four. Without it, the path comes first and the method is read only for a
-        // path that can be limited: outside api_prefix (most of a Rocket.Chat's traffic) a
-        // request costs one header read.
+        // path that can be limited (or carries credentials): outside api_prefix (most of a
+        // Rocket.Chat's traffic) a request costs one header read.
         let (map, path_header, method_header);
-        let (mut method, path, credentials) = if active.bypass.is_some() {
+        let (mut method, path, credentials, forwarded_proto) = if active.bypass.is_some() {
             map = host::header_pairs(host::MAP_REQUEST_HEADERS);
-            let [method, path, user_id, token] =
-                headers::find(&map, [":method", ":path", "x-user-id", "x-auth-token"]);
+            let [method, path, user_id, token, proto] = headers::find(
+                &map,
+                [
+                    ":method",
+                    ":path",
+                    "x-user-id",
+                    "x-auth-token",
+                    "x-forwarded-proto",
+                ],
+            );
             let credentials = credential(user_id).zip(credential(token));
-            (method.unwrap_or_default(), path, credentials)
+            (method.unwrap_or_default(), path, credentials, Some(proto))
         } else {
             path_header = host::header(host::MAP_REQUEST_HEADERS, ":path");
-            (&[][..], path_header.as_deref(), None)
+            (&[][..], path_header.as_deref(), None, None)
         };
-        let Some(path) = path.and_then(|p| decision::limitable_path(&active.config, p)) else {
+        let Some(interest) = path.and_then(|p| decision::interest(&active.config, p)) else {
             active.metrics.inc(Counter::NotLimited);
             return Action::Continue;
         };
@@ -842,6 +910,27 @@ impl Http {
             method_header = host::header(host::MAP_REQUEST_HEADERS, ":method");
             method = method_header.as_deref().unwrap_or_default();
         }
+        if interest.credentials
+            && https_required(&active.config, method, &interest.path, forwarded_proto)
+        {
+            active.metrics.inc(Counter::HttpsRequired);
+            let reply = response::https_required();
+            let sent = host::send_local_response(
+                reply.status,
+                "rocketchat_ratelimit_https_required",
+                &reply.headers,
+                reply.body.as_bytes(),
+            );
+            if !sent {
+                active.warn(host::now_ms(), "Envoy refused the https-required reply");
+            }
+            return Action::Pause;
+        }
+        if !interest.limitable {
+            active.metrics.inc(Counter::NotLimited);
+            return Action::Continue;
+        }
+        let path = interest.path;
         let classified =
             decision::classify_limitable(&active.config, active.seed, method, &path, || {
                 host::property(SOURCE_ADDRESS)
@@ -856,7 +945,7 @@ impl Http {
             engine: active.config.global.as_ref().map(|g| {
                 let message = global::engine_request(
                     &g.domain,
-                    classified.client_ip(),
+                    &classified.client(),
                     method,
                     classified.bucket,
                     &classified.countable,
@@ -866,7 +955,7 @@ impl Http {
                 (message, reset_ms)
             }),
         };
-        if let Some(action) = self.bypass_step(&active, &item, credentials, now_ms) {
+        if let Some(action) = self.bypass_step(&active, &item, credentials, &classified, now_ms) {
             return action;
         }
         let result = match active.count_or_ask(self.context_id, &item, now_ms) {
@@ -889,6 +978,7 @@ impl Http {
         active: &Rc<Active>,
         item: &ToCount,
         credentials: Option<(&str, &str)>,
+        classified: &decision::Classified,
         now_ms: u64,
     ) -> Option<Action> {
         let rt = active.bypass.as_ref()?;
@@ -911,11 +1001,28 @@ impl Http {
         let key = bypass::user_slot_key(bypass::user_slot(user_fp));
         let deadline_ms = now_ms + rt.config.timeout_ms + bypass::PENDING_GRACE_MS;
         let looking_up_here = rt.parking.borrow().is_looking_up(user_fp);
-        let claim = active
+        // One read first: a cached answer, or a lookup under way, costs none of the client's
+        // lookups (SPEC §11); a miss spends one, or is counted without a callout.
+        let seen = active
             .update(&key, |bytes| {
-                lookup::claim(bytes, user_fp, now_ms, deadline_ms, looking_up_here)
+                store::Step::<&[u8], _>::Keep(lookup::peek(bytes, user_fp, now_ms, looking_up_here))
             })
             .ok()?; // no cache: count as usual
+        let claim = match seen {
+            Claim::Ask => {
+                let per_minute = rt.config.lookups_per_client_per_minute;
+                if !active.spend_lookup(per_minute, &classified.client(), now_ms) {
+                    active.metrics.inc(Counter::LookupsRefused);
+                    return None;
+                }
+                active
+                    .update(&key, |bytes| {
+                        lookup::claim(bytes, user_fp, now_ms, deadline_ms, looking_up_here)
+                    })
+                    .ok()?
+            }
+            seen => seen,
+        };
         match claim {
             Claim::Known { roles, expires_ms } => {
                 let is_bypass = bypass::is_bypass(&roles, &rt.roles.borrow());
@@ -929,8 +1036,7 @@ impl Http {
                 Some(Action::Pause)
             }
             Claim::Ask => {
-                let ip = host::property(SOURCE_ADDRESS).unwrap_or_default();
-                let ip = String::from_utf8_lossy(client_ip(&ip)).into_owned();
+                let ip = String::from_utf8_lossy(client_ip(&classified.source_address));
                 match rocketchat_get(&rt.config, &rt.config.me_path, user_id, token, Some(&ip)) {
                     Ok(call) => {
                         CALLS.with_borrow_mut(|c| {
@@ -968,9 +1074,7 @@ impl Http {
             h
         });
         if let Some(h) = headers {
-            for (name, value) in h.values() {
-                host::set_header(host::MAP_RESPONSE_HEADERS, name, value.as_str());
-            }
+            h.each(|name, value| host::set_header(host::MAP_RESPONSE_HEADERS, name, value));
         }
     }
 }

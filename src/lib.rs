@@ -10,6 +10,7 @@ pub mod bypass;
 pub mod client;
 pub mod config;
 pub mod decision;
+pub mod edge;
 pub mod fingerprint;
 pub mod global;
 pub mod headers;

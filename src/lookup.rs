@@ -3,9 +3,65 @@
 //! current bytes, so the one CAS loop applies it; and the per-VM copy of answers.
 
 use std::collections::BTreeMap;
+use std::num::{NonZeroU32, NonZeroU64};
 
 use crate::bypass::{self, CacheState, SharedRoles};
+use crate::fingerprint::{fingerprint, Seed};
+use crate::limiter::{self, Limit, Set, Verdict, SET_BYTES};
 use crate::store::{Step, EMPTY};
+
+// ---------------------------------------------------------------------------------------------
+// The lookup budget (SPEC §11 `bypass.lookups_per_client_per_minute`): a client that sends a
+// new token with every request would otherwise cause one `me` call per request, turning the
+// gateway into an amplifier onto Rocket.Chat's database. Each client (its masked address) may
+// cause at most N lookups (cache misses) per aligned minute, counted in a table of counter sets
+// of its own, shared by all workers and bounded like the client counters (Envoy never deletes
+// a key): the same sets, the same `limiter::decide`, the same CAS loop.
+
+/// Name of the lookup-budget table.
+pub const BUDGET_TABLE: &str = "rlrc1:lb:";
+/// Its size: 2,048 sets of 8, 16,384 clients looking users up in one minute before two share
+/// a budget (counted conservatively, like the client counters of a full table).
+pub const BUDGET_SETS: NonZeroU32 = NonZeroU32::MIN.saturating_add(2047);
+/// A budget's window.
+pub const BUDGET_WINDOW_MS: NonZeroU64 = NonZeroU64::MIN.saturating_add(59_999);
+
+/// The budget of `client` (the masked client address of SPEC §11): its fingerprint, apart
+/// from every route bucket (no route has an empty method).
+pub fn budget_fingerprint(seed: Seed, client: &[u8]) -> u64 {
+    fingerprint(seed, client, b"", b"me lookups")
+}
+
+/// The budget's limit: `per_minute` lookups per aligned minute.
+pub fn budget_limit(per_minute: u32) -> Option<Limit> {
+    Limit::new(per_minute, BUDGET_WINDOW_MS.get())
+}
+
+/// Spends one lookup of the budget `budget_fp` (its set's current bytes in `bytes`): `true`
+/// if the client had one left, `false` if its lookups of this minute are used up.
+pub fn spend_lookup(
+    bytes: &[u8],
+    budget_fp: u64,
+    limit: Limit,
+    now_ms: u64,
+) -> Step<[u8; SET_BYTES], bool> {
+    let decision = limiter::decide(&Set::decode(bytes), budget_fp, limit, now_ms);
+    let allowed = matches!(decision.verdict, Verdict::Allowed { .. });
+    match decision.write {
+        Some(next) => Step::Write(next.encode(), allowed),
+        None => Step::Keep(allowed),
+    }
+}
+
+/// What a request with credentials learns from one read of its user-cache slot, before it
+/// spends any budget: the same answers as [`claim`], where `Ask` means "a miss" (nothing is
+/// written yet).
+pub fn peek(bytes: &[u8], user_fp: u64, now_ms: u64, looking_up_here: bool) -> Claim {
+    match claim(bytes, user_fp, now_ms, 0, looking_up_here) {
+        Step::Keep(seen) => seen,
+        Step::Write(_, seen) => seen,
+    }
+}
 
 /// What a request with credentials learns from its user-cache slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +212,61 @@ mod tests {
                 expires_ms: 60_010
             })
         );
+    }
+
+    /// SPEC §11: N lookups per client per aligned minute, shared by every worker through the
+    /// one CAS loop; another client has its own budget; the next minute gives them back.
+    #[test]
+    fn a_client_spends_at_most_its_lookups_of_the_minute() {
+        let store = MemoryStore::default();
+        crate::store::ensure_table_in(&store, BUDGET_TABLE, BUDGET_SETS).unwrap();
+        let seed = Seed(3, 4);
+        let limit = budget_limit(3).unwrap();
+        let mut key = String::new();
+        let mut spend = |client: &[u8], now_ms: u64| {
+            let fp = budget_fingerprint(seed, client);
+            crate::store::table_set_key(
+                &mut key,
+                BUDGET_TABLE,
+                BUDGET_SETS,
+                limiter::set_index(fp, BUDGET_SETS),
+            );
+            update(&store, &key, &mut Vec::new(), |b| {
+                spend_lookup(b, fp, limit, now_ms)
+            })
+            .result
+            .unwrap()
+        };
+        let minute = 1_700_000_040_000;
+        let got: Vec<bool> = (0..5).map(|i| spend(b"10.0.0.1", minute + i)).collect();
+        assert_eq!(got, [true, true, true, false, false]);
+        assert!(spend(b"2001:db8:1:2::/64", minute + 5));
+        assert!(!spend(b"10.0.0.1", minute + 59_999));
+        assert!(spend(b"10.0.0.1", minute + 60_000));
+        assert_ne!(
+            budget_fingerprint(seed, b"10.0.0.1"),
+            crate::fingerprint::fingerprint(seed, b"10.0.0.1", b"GET", b"/api/v1/me")
+        );
+        assert!(budget_limit(0).is_none());
+    }
+
+    #[test]
+    fn a_peek_writes_nothing_and_tells_a_miss_from_a_hit() {
+        assert_eq!(peek(EMPTY, 42, 10, false), Claim::Ask);
+        assert_eq!(peek(EMPTY, 42, 10, true), Claim::Wait);
+        assert_eq!(
+            peek(&bypass::pending_slot(42, 300), 42, 10, false),
+            Claim::Wait
+        );
+        let answer = bypass::resolved_slot(42, 300, &s(&["bot"]));
+        assert_eq!(
+            peek(&answer, 42, 10, false),
+            Claim::Known {
+                roles: s(&["bot"]),
+                expires_ms: 300
+            }
+        );
+        assert_eq!(peek(&answer, 7, 10, false), Claim::Ask);
     }
 
     #[test]

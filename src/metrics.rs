@@ -3,7 +3,7 @@
 //! `wasmcustom` namespace there).
 
 /// The counters, in the order of [`Counter`].
-pub const COUNTER_NAMES: [&str; 12] = [
+pub const COUNTER_NAMES: [&str; 14] = [
     "rocketchat_ratelimit.allowed",
     "rocketchat_ratelimit.limited",
     "rocketchat_ratelimit.dry_run_limited",
@@ -16,6 +16,8 @@ pub const COUNTER_NAMES: [&str; 12] = [
     "rocketchat_ratelimit.global_calls",
     "rocketchat_ratelimit.global_failures",
     "rocketchat_ratelimit.global_cached_limited",
+    "rocketchat_ratelimit.https_required",
+    "rocketchat_ratelimit.lookups_refused",
 ];
 
 pub const GAUGE_TRACKED_CLIENTS: &str = "rocketchat_ratelimit.tracked_clients";
@@ -48,6 +50,12 @@ pub enum Counter {
     GlobalFailures = 10,
     /// 429s answered from a local over-limit verdict, without a call.
     GlobalCachedLimited = 11,
+    /// Requests with a password or a login token refused because they did not reach Envoy
+    /// over TLS (SPEC §11 `https_only_login`).
+    HttpsRequired = 12,
+    /// Requests with unknown credentials counted without a `me` lookup, because their client
+    /// had used its lookups of the minute (SPEC §11 `bypass.lookups_per_client_per_minute`).
+    LookupsRefused = 13,
 }
 
 /// Metric events of one counted request.
@@ -151,6 +159,21 @@ mod tests {
         assert_eq!(counters[Counter::StoreErrors as usize], 0);
         assert_eq!(tracked, 1);
         assert_eq!(m.take(), ([0; COUNTER_NAMES.len()], 0));
+    }
+
+    #[test]
+    fn every_counter_has_its_name() {
+        for (counter, name) in [
+            (Counter::Allowed, "allowed"),
+            (Counter::GlobalCachedLimited, "global_cached_limited"),
+            (Counter::HttpsRequired, "https_required"),
+            (Counter::LookupsRefused, "lookups_refused"),
+        ] {
+            assert_eq!(
+                COUNTER_NAMES[counter as usize],
+                format!("rocketchat_ratelimit.{name}")
+            );
+        }
     }
 
     #[test]

@@ -18,19 +18,70 @@ pub struct RateLimitHeaders {
     pub limit: u32,
     pub remaining: u32,
     pub reset_ms: u64,
+    /// With `ietf_headers` (SPEC §11): `RateLimit-Policy` and `RateLimit` as well.
+    pub ietf: Option<Ietf>,
+}
+
+/// What `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11) need
+/// besides the limit and the remaining count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ietf {
+    /// The window, ms (the policy's `w` is in whole seconds, rounded up).
+    pub interval_ms: u64,
+    /// Seconds until the window's reset, rounded up (`t`; the body's and `retry-after`'s N).
+    pub reset_s: u64,
+}
+
+impl Ietf {
+    pub fn new(interval_ms: u64, reset_ms: u64, now_ms: u64) -> Ietf {
+        Ietf {
+            interval_ms,
+            reset_s: wait_seconds(reset_ms, now_ms),
+        }
+    }
+
+    /// The policy's name: its quota and window, so that one name never stands for two
+    /// different policies (`"10-per-60s"`, `"5-per-1500ms"`).
+    fn name(&self, limit: u32) -> String {
+        if self.interval_ms.is_multiple_of(1000) {
+            format!("{limit}-per-{}s", self.interval_ms / 1000)
+        } else {
+            format!("{limit}-per-{}ms", self.interval_ms)
+        }
+    }
+
+    /// `RateLimit-Policy: "<name>";q=<limit>;w=<window s>` and `RateLimit:
+    /// "<name>";r=<remaining>;t=<seconds to reset>`: one Structured Field List (RFC 9651) item
+    /// each, a String with Integer parameters. `w` must be a positive integer of seconds:
+    /// a window that is not whole seconds is rounded up (a lower rate, never a higher one).
+    pub fn values(&self, limit: u32, remaining: u32) -> (String, String) {
+        let name = self.name(limit);
+        let window_s = self.interval_ms.div_ceil(1000).max(1);
+        (
+            format!("\"{name}\";q={limit};w={window_s}"),
+            format!("\"{name}\";r={remaining};t={}", self.reset_s),
+        )
+    }
 }
 
 impl RateLimitHeaders {
-    /// Header names and values, as every counted response carries them (SPEC §1).
-    pub fn values(&self) -> [(&'static str, Decimal); 3] {
-        [
-            ("x-ratelimit-limit", Decimal::new(u64::from(self.limit))),
-            (
-                "x-ratelimit-remaining",
-                Decimal::new(u64::from(self.remaining)),
-            ),
-            ("x-ratelimit-reset", Decimal::new(self.reset_ms)),
-        ]
+    /// Every rate-limit header of a counted response, the 429 included (SPEC §1, §11), by
+    /// name and value.
+    pub fn each(&self, mut header: impl FnMut(&'static str, &str)) {
+        header(
+            "x-ratelimit-limit",
+            Decimal::new(u64::from(self.limit)).as_str(),
+        );
+        header(
+            "x-ratelimit-remaining",
+            Decimal::new(u64::from(self.remaining)).as_str(),
+        );
+        header("x-ratelimit-reset", Decimal::new(self.reset_ms).as_str());
+        if let Some(ietf) = &self.ietf {
+            let (policy, current) = ietf.values(self.limit, self.remaining);
+            header("ratelimit-policy", &policy);
+            header("ratelimit", &current);
+        }
     }
 }
 
@@ -42,22 +93,24 @@ pub struct LocalReply {
     pub body: String,
 }
 
-/// The 429 of SPEC §1: Rocket.Chat's body, the `x-ratelimit-*` headers with remaining 0, and
-/// `retry-after` (seconds, the body's N) when configured.
-pub fn too_many_requests(limit: u32, reset_ms: u64, now_ms: u64, retry_after: bool) -> LocalReply {
+/// The 429 of SPEC §1: Rocket.Chat's body, the rate-limit headers with remaining 0 (`ietf`:
+/// the IETF ones too, SPEC §11), and `retry-after` (seconds, the body's N) when configured.
+pub fn too_many_requests(
+    limit: u32,
+    reset_ms: u64,
+    now_ms: u64,
+    retry_after: bool,
+    ietf: Option<Ietf>,
+) -> LocalReply {
     let wait = wait_seconds(reset_ms, now_ms);
     let mut headers = vec![("content-type", "application/json".to_string())];
     let counted = RateLimitHeaders {
         limit,
         remaining: 0,
         reset_ms,
+        ietf,
     };
-    headers.extend(
-        counted
-            .values()
-            .iter()
-            .map(|(name, value)| (*name, value.as_str().to_string())),
-    );
+    counted.each(|name, value| headers.push((name, value.to_string())));
     if retry_after {
         headers.push(("retry-after", Decimal::new(wait).as_str().to_string()));
     }
@@ -67,6 +120,22 @@ pub fn too_many_requests(limit: u32, reset_ms: u64, now_ms: u64, retry_after: bo
         body: too_many_requests_body(wait),
     }
 }
+
+/// SPEC §11 `https_only_login`: the answer to a request that would have sent a password or a
+/// login token over plain HTTP. 403, not 401 (Rocket.Chat's clients take a 401 for "logged
+/// out" and may drop their session) and not a redirect (the credential has already crossed the
+/// network in clear; a 307/308 would have the client send it again and hide the mistake).
+pub fn https_required() -> LocalReply {
+    LocalReply {
+        status: 403,
+        headers: vec![("content-type", "application/json".to_string())],
+        body: HTTPS_REQUIRED_BODY.to_string(),
+    }
+}
+
+/// The body of [`https_required`], in Rocket.Chat's error shape (a `Meteor.Error` as its API
+/// writes one: the reason, the error type in brackets, and `errorType`).
+pub const HTTPS_REQUIRED_BODY: &str = "{\"success\":false,\"error\":\"HTTPS is required: this request carries a password or a login token and reached the server over plain HTTP, so it was refused and not forwarded. Use https:// to connect. [error-https-required]\",\"errorType\":\"error-https-required\"}";
 
 /// Decimal digits of `n` in a stack buffer: header values without a heap allocation.
 pub struct Decimal {
@@ -98,6 +167,7 @@ impl Decimal {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -111,7 +181,7 @@ mod tests {
 
     #[test]
     fn the_429_carries_rocketchats_headers() {
-        let reply = too_many_requests(10, 60_000, 1_500, true);
+        let reply = too_many_requests(10, 60_000, 1_500, true, None);
         assert_eq!(reply.status, 429);
         let h = |name: &str| {
             reply
@@ -126,8 +196,72 @@ mod tests {
         assert_eq!(h("x-ratelimit-reset"), Some("60000"));
         assert_eq!(h("retry-after"), Some("59"));
         assert_eq!(reply.body, too_many_requests_body(59));
-        let quiet = too_many_requests(10, 60_000, 1_500, false);
+        let quiet = too_many_requests(10, 60_000, 1_500, false, None);
         assert!(quiet.headers.iter().all(|(n, _)| *n != "retry-after"));
+        assert!(h("ratelimit").is_none() && h("ratelimit-policy").is_none());
+    }
+
+    /// SPEC §11: draft-ietf-httpapi-ratelimit-headers-11, on passes and on the 429.
+    #[test]
+    fn ietf_headers() {
+        let ietf = Ietf::new(60_000, 60_000, 1_500);
+        let reply = too_many_requests(10, 60_000, 1_500, true, Some(ietf));
+        let h = |name: &str| {
+            reply
+                .headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h("ratelimit-policy"), Some("\"10-per-60s\";q=10;w=60"));
+        assert_eq!(h("ratelimit"), Some("\"10-per-60s\";r=0;t=59"));
+        assert_eq!(h("retry-after"), Some("59"));
+
+        let mut seen = Vec::new();
+        let pass = RateLimitHeaders {
+            limit: 5,
+            remaining: 3,
+            reset_ms: 11_500,
+            ietf: Some(Ietf::new(1_500, 11_500, 10_001)),
+        };
+        pass.each(|n, v| seen.push((n, v.to_string())));
+        assert_eq!(
+            seen,
+            [
+                ("x-ratelimit-limit", "5".to_string()),
+                ("x-ratelimit-remaining", "3".to_string()),
+                ("x-ratelimit-reset", "11500".to_string()),
+                ("ratelimit-policy", "\"5-per-1500ms\";q=5;w=2".to_string()),
+                ("ratelimit", "\"5-per-1500ms\";r=3;t=2".to_string()),
+            ]
+        );
+        // A window shorter than a second is one second; a reset now is t=0.
+        assert_eq!(
+            Ietf::new(250, 1_000, 1_000).values(1, 0),
+            (
+                "\"1-per-250ms\";q=1;w=1".to_string(),
+                "\"1-per-250ms\";r=0;t=0".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn https_required_is_rocketchats_error_shape() {
+        let reply = https_required();
+        assert_eq!(reply.status, 403);
+        assert_eq!(
+            reply.headers,
+            [("content-type", "application/json".to_string())]
+        );
+        let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(body["success"], false);
+        assert_eq!(body["errorType"], "error-https-required");
+        assert!(reply
+            .body
+            .starts_with("{\"success\":false,\"error\":\"HTTPS is required"));
+        assert!(reply
+            .body
+            .ends_with("[error-https-required]\",\"errorType\":\"error-https-required\"}"));
     }
 
     #[test]

@@ -57,19 +57,33 @@ pub struct Updated<T> {
     pub retries: u32,
 }
 
+/// Name (key prefix) of the table of client counters.
+pub const COUNTER_TABLE: &str = "rlrc1:";
+
 /// Shared-data key of counter set `index` in a table of `sets` sets. The size is part of the
 /// name: a table of another size is another table (a resize starts fresh counts).
 pub fn set_key(out: &mut String, sets: NonZeroU32, index: u32) {
+    table_set_key(out, COUNTER_TABLE, sets, index);
+}
+
+/// Key that says table `sets` has been fully created.
+pub fn ready_key(sets: NonZeroU32) -> String {
+    table_ready_key(COUNTER_TABLE, sets)
+}
+
+/// [`set_key`] in the table named `table` (a key prefix ending with `:`; another table of
+/// sets, e.g. the bypass lookup budgets, uses another name).
+pub fn table_set_key(out: &mut String, table: &str, sets: NonZeroU32, index: u32) {
     out.clear();
-    out.push_str("rlrc1:");
+    out.push_str(table);
     out.push_str(Decimal::new(u64::from(sets.get())).as_str());
     out.push(':');
     out.push_str(Decimal::new(u64::from(index)).as_str());
 }
 
-/// Key that says table `sets` has been fully created.
-pub fn ready_key(sets: NonZeroU32) -> String {
-    format!("rlrc1:{sets}:ready")
+/// [`ready_key`] of the table named `table`.
+pub fn table_ready_key(table: &str, sets: NonZeroU32) -> String {
+    format!("{table}{sets}:ready")
 }
 
 /// The one get → decide → set-with-CAS loop, for every kind of shared record (counter sets,
@@ -151,7 +165,16 @@ pub fn create_if_missing<S: SharedStore + ?Sized>(
 /// configuration push (whose `on_configure` runs beside live traffic, even for a config Envoy
 /// then rejects) keeps every count. Returns how many keys it created.
 pub fn ensure_table<S: SharedStore>(store: &S, sets: NonZeroU32) -> Result<u32, StoreError> {
-    let ready = ready_key(sets);
+    ensure_table_in(store, COUNTER_TABLE, sets)
+}
+
+/// [`ensure_table`] for the table named `table`.
+pub fn ensure_table_in<S: SharedStore>(
+    store: &S,
+    table: &str,
+    sets: NonZeroU32,
+) -> Result<u32, StoreError> {
+    let ready = table_ready_key(table, sets);
     let mut buf = Vec::new();
     if store.get(&ready, &mut buf)?.is_some() {
         return Ok(0);
@@ -159,7 +182,7 @@ pub fn ensure_table<S: SharedStore>(store: &S, sets: NonZeroU32) -> Result<u32, 
     let mut created = 0;
     let mut key = String::new();
     for index in 0..sets.get() {
-        set_key(&mut key, sets, index);
+        table_set_key(&mut key, table, sets, index);
         if create_if_missing(store, &key, EMPTY, &mut buf)? {
             created += 1;
         }
@@ -228,6 +251,26 @@ mod tests {
 
     fn sets(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()
+    }
+
+    #[test]
+    fn tables_of_the_same_size_with_other_names_are_other_tables() {
+        let store = MemoryStore::default();
+        assert_eq!(ensure_table(&store, sets(2)).unwrap(), 2);
+        assert_eq!(ensure_table_in(&store, "rlrc1:lb:", sets(2)).unwrap(), 2);
+        let mut keys: Vec<String> = store.map.borrow().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "rlrc1:2:0",
+                "rlrc1:2:1",
+                "rlrc1:2:ready",
+                "rlrc1:lb:2:0",
+                "rlrc1:lb:2:1",
+                "rlrc1:lb:2:ready"
+            ]
+        );
     }
 
     #[test]

@@ -539,3 +539,128 @@ def test_bad_configurations_are_refused_without_a_trap(config):
     # The configuration text itself is never logged (it may carry a token).
     text = config if isinstance(config, str) else config.decode(errors="replace")
     assert all(len(m) < 1000 and (len(text) < 12 or text not in m) for m in errors)
+
+
+# --- 5. edge protections (issue 12, SPEC §11) ---------------------------------------------------
+HTTPS_ONLY = json.dumps({"https_only_login": True})
+
+# A request with a password or a login token that reached Envoy in clear: the path, the method,
+# Envoy's view of the scheme (the header, then the connection's TLS property), and the 403.
+# No time, no shared data: it is neither counted nor forwarded.
+REFUSED_LOGIN = [
+    ("get_header_map_value", "request_headers", ":path"),
+    ("get_header_map_value", "request_headers", ":method"),
+    ("get_header_map_value", "request_headers", "x-forwarded-proto"),
+    ("get_property", "connection.tls_version"),
+    ("send_local_response",),
+]
+
+
+def test_https_only_login_costs_no_host_call_outside_the_credential_paths():
+    v = vm(HTTPS_ONLY)
+    req = v.http(path="/api/v1/users.info", source="10.1.2.3:40000")
+    assert req.request_headers() == CONTINUE
+    assert_same_calls(v.take_calls(), COUNTED_REQUEST, "a counted request with https_only_login")
+    req = v.http(path="/assets/logo.png")
+    assert req.request_headers() == CONTINUE
+    assert [c.key for c in v.take_calls()] == [
+        ("get_header_map_value", "request_headers", ":path")]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/login", "/api/v1//login/?x=1", "/API/V1/LOGIN",
+                                  "/api/v1/method.callAnon/login", "/api/v1/users.register"])
+def test_a_login_in_clear_is_refused_before_anything_is_counted_or_forwarded(path):
+    v = vm(HTTPS_ONLY)
+    req = v.http({"x-forwarded-proto": "http"}, method="POST", path=path)
+    assert req.request_headers() == PAUSE
+    calls = v.take_calls()
+    assert [c.key[:len(k)] if c.name != "send_local_response" else (c.name,)
+            for c, k in zip(calls, REFUSED_LOGIN)] == REFUSED_LOGIN and len(calls) == 5, calls
+    reply = req.local_reply
+    assert reply.status == 403
+    assert dict(reply.headers.items()) == {"content-type": "application/json"}
+    body = json.loads(reply.body)
+    assert body["success"] is False and body["errorType"] == "error-https-required"
+    assert body["error"].endswith("[error-https-required]")
+    req.end()
+    v.tick()
+    assert v.stat("rocketchat_ratelimit.https_required") == 1
+    assert v.stat("rocketchat_ratelimit.allowed") == 0
+
+
+def test_a_login_over_tls_is_counted_as_usual():
+    v = vm(HTTPS_ONLY)
+    # TLS at this Envoy: the header says http (a client may send anything when hops are
+    # trusted), the connection says TLS.
+    req = v.http({"x-forwarded-proto": "http"}, method="POST", path="/api/v1/login")
+    req.properties["connection.tls_version"] = b"TLSv1.3"
+    assert req.request_headers() == CONTINUE
+    assert_same_calls(v.take_calls(), COUNTED_REQUEST + [
+        ("get_header_map_value", "request_headers", "x-forwarded-proto"),
+        ("get_property", "connection.tls_version")], "a login over TLS")
+    req.response_headers()
+    assert ratelimit_headers(req)["x-ratelimit-remaining"] == str(DEFAULT_LIMIT - 1)
+    # TLS before Envoy, the scheme as Envoy's connection manager left it: no property read.
+    req = v.http({"x-forwarded-proto": "https"}, method="POST", path="/api/v1/login")
+    assert req.request_headers() == CONTINUE
+    assert ("get_property", "connection.tls_version") not in [c.key for c in v.take_calls()]
+    # A CORS preflight carries no credentials.
+    req = v.http(method="OPTIONS", path="/api/v1/login")
+    assert req.request_headers() == CONTINUE and req.local_reply is None
+
+
+def test_with_bypass_the_scheme_comes_from_the_one_header_map_read():
+    config = json.dumps({"https_only_login": True, "bypass": {"cluster": "rocketchat"}})
+    v = vm(config)
+    req = v.http({"x-forwarded-proto": "http"}, method="POST", path="/api/v1/login")
+    assert req.request_headers() == PAUSE
+    assert names(v.take_calls()) == ["get_header_map_pairs", "get_property", "send_local_response"]
+    assert req.local_reply.status == 403
+
+
+def test_ietf_headers_are_two_more_response_headers():
+    v = vm(json.dumps({"ietf_headers": True}))
+    req = v.http(path="/api/v1/users.info", source="10.1.2.3:40000")
+    assert req.request_headers() == CONTINUE
+    assert_same_calls(v.take_calls(), COUNTED_REQUEST, "request phase with ietf_headers")
+    req.response_headers()
+    wait = math.ceil((RESET_MS - NOW_MS) / 1000)
+    policy, current = f'"10-per-60s";q=10;w=60', f'"10-per-60s";r=9;t={wait}'
+    assert_same_calls(v.take_calls(), counted_response(DEFAULT_LIMIT, DEFAULT_LIMIT - 1, RESET_MS) + [
+        ("replace_header_map_value", "response_headers", "ratelimit-policy", policy),
+        ("replace_header_map_value", "response_headers", "ratelimit", current)],
+        "response phase with ietf_headers")
+
+
+def test_a_client_inventing_tokens_gets_its_lookups_of_the_minute_and_no_more():
+    config = json.dumps({"bypass": {"cluster": "rocketchat", "lookups_per_client_per_minute": 2}})
+    v = vm(config)
+    lookups = []
+    for n in range(4):
+        req = v.http({"x-user-id": "mallory-id", "x-auth-token": f"fresh-{n}"}, source="10.7.7.7:1")
+        action = req.request_headers()
+        callouts = v.pending_callouts()
+        lookups.append(len(callouts))
+        for callout in callouts:
+            v.respond(callout.token, 401, '{"status":"error"}')
+        assert action == CONTINUE or req.resumed == ["request"]
+        req.response_headers()
+        assert ratelimit_headers(req)["x-ratelimit-remaining"] == str(DEFAULT_LIMIT - 1 - n)
+        req.end()
+    assert lookups == [1, 1, 0, 0]
+    # Another client still has its own; a cached answer costs nothing.
+    req = v.http({"x-user-id": "bot-id", "x-auth-token": "bot-token"}, source="10.8.8.8:1")
+    assert req.request_headers() == PAUSE
+    (callout,) = v.pending_callouts()
+    v.respond(callout.token, 200, me_answer("bot-id", ["bot"]))
+    other = Vm(FILTER_WASM, v.process)  # another worker: the answer is in shared data
+    assert other.start(config)
+    for worker, source in ((v, "10.8.8.8:2"), (v, "10.7.7.7:2"), (other, "10.7.7.7:3")):
+        req = worker.http({"x-user-id": "bot-id", "x-auth-token": "bot-token"}, source=source)
+        assert req.request_headers() == CONTINUE and worker.pending_callouts() == []
+        req.response_headers()
+        assert ratelimit_headers(req) == {}  # bypassed
+    v.tick()
+    other.tick()
+    assert v.stat("rocketchat_ratelimit.lookups_refused") == 2
+    assert v.stat("rocketchat_ratelimit.bypassed") == 4  # the first one too, once answered
