@@ -238,12 +238,13 @@ engine-test: engine
 	cargo test --release --locked --manifest-path $(ENGINE_MANIFEST) --target-dir $(ENGINE_TARGET)
 
 # --- compose harness (issue 14) ---------------------------------------------------------------
-# make compose-test   envoy/docker-compose.yaml run for real (tests/test_compose.py, also part of
-#                     `make test`): on the Docker Engine already running, or else on a dockerd of
-#                     its own (Debian's docker.io, installed when missing; data in target/compose,
-#                     stopped at the end, the host left as found), with images built locally in
-#                     seconds (tests/compose/: Envoy as envoyproxy/envoy:v$(ENVOY_VERSION) and the
-#                     demo upstream, FROM scratch, no registry). README "docker-compose".
+# make compose-test   envoy/docker-compose.yaml and envoy/docker-compose-global.yaml run for real
+#                     (tests/test_compose.py, also part of `make test`): on the Docker Engine
+#                     already running, or else on a dockerd of its own (Debian's docker.io,
+#                     installed when missing; data in target/compose, stopped at the end, the host
+#                     left as found), with images built locally in seconds (tests/compose/: Envoy
+#                     as envoyproxy/envoy:v$(ENVOY_VERSION), the demo upstream, redis-server and
+#                     the reference engine, FROM scratch, no registry). README "docker-compose".
 # make compose-clean  (part of `make clean`) removes those images and target/compose.
 
 .PHONY: docker-engine compose-test compose-clean
@@ -252,7 +253,7 @@ docker-engine:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || command -v dockerd >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null; }
 
-compose-test: tools build docker-engine
+compose-test: tools build docker-engine engine
 	$(PY) -m pytest -q tests/test_compose.py $(PYTEST_ARGS)
 
 e2e: docker-engine

