@@ -91,7 +91,7 @@ unit-wasm: target venv
 build-test-trap: target
 	CARGO_TARGET_DIR=$(CURDIR)/target/test-trap cargo build --release --target $(WASM_TARGET) --features test-trap
 
-e2e: tools build build-test-trap wrk shipping-tools bench-empty-filter engine
+e2e: tools build build-test-trap wrk shipping-tools bench-empty-filter bench-probe-filter engine
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 test: tools lint unit engine-test fuzz-smoke e2e
@@ -158,15 +158,17 @@ shipping-tools:
 	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-registry >/dev/null; }
 
-# --- benchmark (issue 5) ----------------------------------------------------------------------
-# make bench        the filter's cost beside no filter, Envoy's local_ratelimit and an empty Wasm
-#                   filter: 7 interleaved rounds of 5 s, Envoy --concurrency 1 on CPU 0, wrk on
+# --- benchmark (issues 5 and 13) ---------------------------------------------------------------
+# make bench        the filter's cost beside no filter, Envoy's local_ratelimit, an empty Wasm
+#                   filter and the floor of its host calls, for counted requests and for a flood
+#                   of 429s: 7 interleaved rounds of 5 s, Envoy --concurrency 1 on CPU 0, wrk on
 #                   CPU 1; prints medians, paired ratios and PASS/FAIL per target (a report: a
-#                   missed target does not fail the target); JSON in target/bench/results.json.
+#                   missed target does not fail the target); JSON in target/bench/results.json,
+#                   every round drawn in target/bench/bench.svg.
 #                   BENCH_ARGS passes options to bench/bench.py (e.g. --rounds 9 --seconds 10).
 # make bench-smoke  the same harness, 1 round of 1 s (what tests/test_bench_smoke.py runs).
 
-.PHONY: bench bench-smoke bench-empty-filter
+.PHONY: bench bench-smoke bench-empty-filter bench-probe-filter
 
 EMPTY_CARGO_WASM := $(CURDIR)/target/bench/empty-filter/$(WASM_TARGET)/release/bench_empty_filter.wasm
 EMPTY_WASM := $(CURDIR)/target/bench/bench_empty_filter.wasm
@@ -179,7 +181,7 @@ bench-empty-filter: target binaryen
 		--target-dir $(CURDIR)/target/bench/empty-filter
 	@test $(EMPTY_WASM) -nt $(EMPTY_CARGO_WASM) || $(WASM_OPT) $(EMPTY_CARGO_WASM) -o $(EMPTY_WASM)
 
-bench: tools build wrk bench-empty-filter bench-no-verdict-cache engine
+bench: tools build wrk bench-empty-filter bench-probe-filter bench-no-verdict-cache engine
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/global_bench.py
 
@@ -196,7 +198,7 @@ bench-no-verdict-cache: target
 bench-global: tools build bench-no-verdict-cache engine wrk
 	$(PY) bench/global_bench.py $(BENCH_ARGS)
 
-bench-smoke: tools build wrk bench-empty-filter
+bench-smoke: tools build wrk bench-empty-filter bench-probe-filter
 	$(PY) bench/bench.py --rounds 1 --seconds 1 --warmup 1 --cas-seconds 1 \
 		--out $(CURDIR)/target/bench/smoke.json $(BENCH_ARGS)
 
@@ -207,9 +209,13 @@ bench-smoke: tools build wrk bench-empty-filter
 PROBE_WASM := $(CURDIR)/target/bench/probe-filter/$(WASM_TARGET)/release/bench_probe_filter.wasm
 export BENCH_PROBE_WASM := $(PROBE_WASM)
 
-bench-profile: tools build wrk bench-empty-filter
+# The calibration filter, also the floor probes (f) and (i) of `make bench`: cargo's output as
+# is (it computes nothing for wasm-opt to shrink).
+bench-probe-filter: target
 	cargo build --release --target $(WASM_TARGET) --manifest-path bench/probe-filter/Cargo.toml \
 		--target-dir $(CURDIR)/target/bench/probe-filter
+
+bench-profile: tools build wrk bench-empty-filter bench-probe-filter
 	@$(PY) -c 'import wasmtime' 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	@command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
 	$(PY) bench/hotpath.py $(BENCH_ARGS)

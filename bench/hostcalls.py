@@ -16,6 +16,8 @@ Every boundary crossing is a V8 <-> C++ transition in Envoy plus the host's own 
 map lookups, shared-data mutex and hash map, stat lookups); see the calibration in the README.
 
   hostcalls.py FILTER.wasm [--config JSON] [--user ID TOKEN] [--requests N] [--json]
+  hostcalls.py FILTER.wasm --flood     the flood of `make bench` (g): limit 1 a day, every
+                                       bucket exhausted by the warm-up, every request a 429
 """
 
 import argparse
@@ -40,6 +42,12 @@ ROUTES = [
 CALLBACKS = ["context_create", "request_headers", "response_headers", "response_body", "log", "done",
              "delete"]
 
+
+# The flood of `make bench` (g): one request a day per bucket. Two warm-up cycles through the
+# 20,000 buckets: the first spends each bucket's one request, the second gets every bucket's
+# first 429 (the VM learns it is exhausted); every measured request is then a 429.
+FLOOD_CONFIG = {"default": {"numRequestsAllowed": 1, "intervalTimeInMS": 86_400_000}}
+FLOOD_WARMUP = 40_000
 
 # Where the replayed paths live; --outside-api moves them out of api_prefix (never limited),
 # like a Rocket.Chat's assets, avatars and realtime API.
@@ -153,6 +161,7 @@ class Host(Vm):
         req.delete()
         used["delete"] = f - self.fuel()
         self.last_response = req.response
+        self.last_reply = req.local_reply
         return used, action
 
 
@@ -165,9 +174,12 @@ def profile(wasm, config, user, requests, warmup):
     h.counting = True
     fuel = collections.Counter()
     paused = 0
+    replies = collections.Counter()
     for k in range(warmup, warmup + requests):
         used, action = h.stream(k, user)
         paused += action != 0
+        if h.last_reply is not None:
+            replies[h.last_reply.status] += 1
         fuel.update(used)
     # One more request, traced: wasm instructions between consecutive boundary events.
     h.counting = False
@@ -181,6 +193,7 @@ def profile(wasm, config, user, requests, warmup):
         "wasm_bytes": os.path.getsize(wasm),
         "requests": requests,
         "paused_requests": paused,
+        "local_replies": dict(replies),
         "host_calls_per_request": per,
         "host_calls_total_per_request": sum(v for n, v in per.items() if not n.startswith("<")),
         # Envoy skips a callback the module does not export: no crossing.
@@ -206,7 +219,14 @@ def main():
     p.add_argument("--json", action="store_true")
     p.add_argument("--outside-api", action="store_true", help="paths under /assets/ instead of /api/v1/")
     p.add_argument("--trace", action="store_true", help="print the instructions between boundary events of one request")
+    p.add_argument("--flood", action="store_true",
+                   help=f"every request over its limit: --config {json.dumps(FLOOD_CONFIG)} (unless given),"
+                        f" --warmup {FLOOD_WARMUP} (unless given)")
     args = p.parse_args()
+    if args.flood:
+        args.config = args.config or json.dumps(FLOOD_CONFIG)
+        if args.warmup == p.get_default("warmup"):
+            args.warmup = FLOOD_WARMUP
     if args.outside_api:
         global PATH_PREFIX
         PATH_PREFIX = "/assets/"
@@ -223,7 +243,8 @@ def main():
           f"wasm->host {r['bytes_wasm_to_host_per_request']:.0f}")
     print(f"  wasm instructions per request: {r['wasm_instructions_total_per_request']:.0f}  "
           + ", ".join(f"{n} {v:.0f}" for n, v in r["wasm_instructions_per_request"].items()))
-    print(f"  paused requests: {r['paused_requests']}; response headers added: {r['response_headers_added']}")
+    print(f"  paused requests: {r['paused_requests']}; local replies by status: {r['local_replies'] or 'none'};"
+          f" response headers added: {r['response_headers_added']}")
     if args.trace:
         print("  one request, wasm instructions between boundary events ([cb = callback entry, cb] = return):")
         for label, n in r["trace_one_request"]:

@@ -33,9 +33,7 @@ import conftest  # noqa: E402  (bench put tests/ on the path)
 import hostcalls  # noqa: E402
 
 ROOT = bench.ROOT
-PROBE_WASM = Path(os.environ.get(
-    "BENCH_PROBE_WASM",
-    ROOT / "target" / "bench" / "probe-filter" / "wasm32-wasip1" / "release" / "bench_probe_filter.wasm"))
+PROBE_WASM = bench.PROBE_WASM
 
 D_HOST_CALLS = "hdr=:method hdr=:path prop=source.address time cas metric rsp*3"
 E_HOST_CALLS = "hdr=:method hdr=:path hdr=x-user-id hdr=x-auth-token prop=source.address time sget cas metric rsp*3"

@@ -5,7 +5,11 @@
 //! Request phase: `hdr=NAME` get a request header; `pairs` get all request headers in one call;
 //! `rawpairs` get all request headers in one call, without parsing them (what a filter with its
 //! own zero-copy parser would pay); `prop=a.b` get a property; `time` current time; `sget` read a 160-byte shared-data value;
-//! `cas` read it and write it back with its CAS; `metric` increment a counter.
+//! `cas` read it and write it back with its CAS; `metric` increment a counter; `reply` answer
+//! with a local reply shaped like the filter's 429 (after the plan's other request-phase calls,
+//! and the request then pauses, as the filter's does): status 429, `content-type`,
+//! `x-ratelimit-limit` / `-remaining` / `-reset`, `retry-after` and a body of the length of
+//! Rocket.Chat's (SPEC §1), all serialized once at configure time: the floor of a 429.
 //! Response phase: `rsp` replace a response header; `radd` add a response header.
 
 use proxy_wasm::hostcalls;
@@ -13,8 +17,19 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, MapType, MetricType};
 use std::rc::Rc;
 
+/// The 429 of the flood of `make bench` (g): limit 1 a day, so `retry-after` and the body's
+/// wait have five digits (a day is 86,400 s).
+const REPLY_BODY: &str = "{\"success\":false,\"error\":\"Error, too many requests. Please slow down. You must wait 86400 seconds before trying this endpoint again. [error-too-many-requests]\"}";
+const REPLY_HEADERS: [(&str, &str); 5] = [
+    ("content-type", "application/json"),
+    ("x-ratelimit-limit", "1"),
+    ("x-ratelimit-remaining", "0"),
+    ("x-ratelimit-reset", "1765000000000"),
+    ("retry-after", "86400"),
+];
+
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { plan: Rc::new(Vec::new()) }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { plan: Rc::new(Plan::default()) }) });
 }}
 
 const KEY: &str = "bench-probe:set";
@@ -33,8 +48,15 @@ enum Op {
     RespAdd(String),
 }
 
+#[derive(Default)]
+struct Plan {
+    ops: Vec<Op>,
+    /// With `reply`: the 429's headers, serialized as the ABI wants them.
+    reply: Option<Vec<u8>>,
+}
+
 struct Root {
-    plan: Rc<Vec<Op>>,
+    plan: Rc<Plan>,
 }
 
 impl Context for Root {}
@@ -51,6 +73,7 @@ impl RootContext for Root {
             let _ = hostcalls::set_shared_data(KEY, Some(&[7u8; 160]), None);
         }
         let mut plan = Vec::new();
+        let mut reply = None;
         for (i, token) in text.split_whitespace().enumerate() {
             let (op, times) = match token.rsplit_once('*') {
                 Some((op, n)) => (op, n.parse().unwrap_or(1)),
@@ -68,13 +91,17 @@ impl RootContext for Root {
                 "metric" => Op::Metric(metric),
                 "rsp" => Op::RespReplace(format!("x-probe-{i}")),
                 "radd" => Op::RespAdd(format!("x-probe-{i}")),
+                "reply" => {
+                    reply = Some(serialize_pairs(&REPLY_HEADERS));
+                    continue;
+                }
                 _ => return false,
             };
             for _ in 0..times {
                 plan.push(op.clone());
             }
         }
-        self.plan = Rc::new(plan);
+        self.plan = Rc::new(Plan { ops: plan, reply });
         true
     }
 
@@ -88,7 +115,7 @@ impl RootContext for Root {
 }
 
 struct Probe {
-    plan: Rc<Vec<Op>>,
+    plan: Rc<Plan>,
     sink: usize,
 }
 
@@ -96,7 +123,7 @@ impl Context for Probe {}
 
 impl HttpContext for Probe {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        for op in self.plan.iter() {
+        for op in self.plan.ops.iter() {
             self.sink += match op {
                 Op::Header(name) => hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
                     .ok()
@@ -127,11 +154,15 @@ impl HttpContext for Probe {
                 Op::RespReplace(_) | Op::RespAdd(_) => 0,
             };
         }
+        if let Some(headers) = &self.plan.reply {
+            send_reply(headers);
+            return Action::Pause;
+        }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-        for op in self.plan.iter() {
+        for op in self.plan.ops.iter() {
             match op {
                 Op::RespReplace(name) => {
                     let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some("1700000040000"));
@@ -148,6 +179,53 @@ impl HttpContext for Probe {
 
 extern "C" {
     fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_send_local_response(
+        status_code: u32,
+        details_data: *const u8,
+        details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+}
+
+/// The proxy-wasm map encoding: the count, (name length, value length) per pair, then each
+/// name and value followed by a NUL.
+fn serialize_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (k, v) in pairs {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// The 429 in one host call, with the filter's details string.
+fn send_reply(headers: &[u8]) {
+    const DETAILS: &[u8] = b"rocketchat_ratelimit";
+    // SAFETY: pointers and lengths of live slices; the host copies them.
+    unsafe {
+        proxy_send_local_response(
+            429,
+            DETAILS.as_ptr(),
+            DETAILS.len(),
+            REPLY_BODY.as_ptr(),
+            REPLY_BODY.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        );
+    }
 }
 
 /// All request headers in one call, as the serialized buffer Envoy returns (not parsed).
