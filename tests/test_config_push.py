@@ -103,3 +103,49 @@ def test_pushes_keep_counts_and_a_rejected_push_keeps_the_old_config(tmp_path, u
         assert done[0] > 20
     finally:
         envoy.stop()
+
+
+def counted(envoy, path):
+    """(status, limit, remaining) of one request on a new connection (the newest config)."""
+    r = envoy.request("GET", path)
+    return r.status, r.headers.get("x-ratelimit-limit"), r.headers.get("x-ratelimit-remaining")
+
+
+def test_a_path_that_gets_its_own_entry_keeps_its_count(tmp_path, upstream):
+    """Issue 12 item 5, SPEC §3.4, §11: the bucket is the path or the pattern, not the entry, so
+    a push that gives a path an entry of its own (or takes it away) keeps the client's count,
+    and so does a push that renames a pattern's parameter or changes its limit."""
+    lds = LdsEnvoy(tmp_path, upstream.port, {})
+    envoy = lds.envoy.start()
+    try:
+        left = 60_000 - int(time.time() * 1000) % 60_000
+        if left < 25_000:  # every step below in one window
+            time.sleep(left / 1000 + 0.05)
+        info = "/api/v1/users.info"
+        assert [counted(envoy, info) for _ in range(8)] == [(200, "10", str(9 - i)) for i in range(8)]
+        # 8 of 10 used under `default`; the path gets an entry of its own with limit 20.
+        lds.push({"routes": [{"path": info, "method": "GET", "rateLimiterOptions": {"numRequestsAllowed": 20}}]})
+        assert counted(envoy, info) == (200, "20", "11")
+        # And back to `default`: 10 used, then the 429.
+        lds.push({})
+        assert counted(envoy, info) == (200, "10", "0")
+        assert counted(envoy, info) == (429, "10", "0")
+
+        # A pattern entry that starts to match a path counts in the pattern's bucket, shared by
+        # every value; the path's own count waits in the path's bucket.
+        rooms = "/api/v1/rooms.x/"
+        assert [counted(envoy, rooms + "a") for _ in range(3)] == [(200, "10", str(9 - i)) for i in range(3)]
+        lds.push({"routes": [{"path": rooms + ":id", "rateLimiterOptions": {"numRequestsAllowed": 20}}]})
+        assert counted(envoy, rooms + "a") == (200, "20", "19")
+        assert counted(envoy, rooms + "b") == (200, "20", "18")
+        # The same pattern with another parameter name, for GET only, and another limit: the
+        # same bucket.
+        lds.push({"routes": [{"path": rooms + ":rid", "method": "GET",
+                              "rateLimiterOptions": {"numRequestsAllowed": 30}}]})
+        assert counted(envoy, rooms + "c") == (200, "30", "27")
+        # The pattern goes away: the path's own count is there again.
+        lds.push({})
+        assert counted(envoy, rooms + "a") == (200, "10", "6")
+        assert counted(envoy, rooms + "b") == (200, "10", "9")
+    finally:
+        envoy.stop()
