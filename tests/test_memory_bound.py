@@ -9,12 +9,13 @@ SCRIPT = Path(__file__).parent / "support" / "distinct_clients.lua"
 MAX_TRACKED = 10_000
 
 
-def flood(envoy, start, count, path="/api/v1/flood.test", processes=2, connections=16):
-    """`count` requests from `count` new addresses, split over `processes` wrk processes."""
+def flood(envoy, start, count, path="/api/v1/flood.test", processes=2, connections=16, family="v4"):
+    """`count` requests from `count` new addresses, split over `processes` wrk processes
+    (`family` "v6": addresses of one IPv6 /64)."""
     share = count // processes
     procs = [subprocess.Popen(
         ["wrk", "-t", "1", "-c", str(connections), "-d", "600s", "--timeout", "5s", "-s", str(SCRIPT),
-         f"http://127.0.0.1:{envoy.port}", "--", str(start + k * share), str(share), path],
+         f"http://127.0.0.1:{envoy.port}", "--", str(start + k * share), str(share), path, family],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(processes)]
     for p in procs:
         out, _ = p.communicate(timeout=900)

@@ -13,7 +13,8 @@ BODY_PREFIX = ('{"success":false,"error":"Error, too many requests. Please slow 
 BODY_SUFFIX = ' seconds before trying this endpoint again. [error-too-many-requests]"}'
 METRICS = ["allowed", "limited", "dry_run_limited", "bypassed", "not_limited",
            "callout_failures", "cas_retries", "store_errors", "table_collisions", "tracked_clients",
-           "global_calls", "global_failures", "global_cached_limited"]
+           "global_calls", "global_failures", "global_cached_limited", "https_required",
+           "lookups_refused"]
 
 
 def now_ms():
@@ -324,6 +325,12 @@ BAD_CONFIGS = [
     ('{"preset":"classic"}', 'preset: must be "rocketchat" or "none"'),
     ('{"bypass":{"service_user_id":"svc","service_auth_token":"tok-SECRET-123","me_path":"api/v1/me"}}',
      "bypass.me_path: must start with '/'"),
+    ('{"client_ipv6_prefix":129}', "client_ipv6_prefix: must be at most 128"),
+    ('{"client_ipv4_prefix":0}', "client_ipv4_prefix: must be a positive integer"),
+    ('{"https_only_login":"tok-SECRET-123"}', "https_only_login: invalid type: string, expected a boolean"),
+    ('{"ietf_headers":1}', "ietf_headers: invalid type: integer `1`, expected a boolean"),
+    ('{"bypass":{"service_user_id":"svc","service_auth_token":"tok-SECRET-123","lookups_per_client_per_minute":0}}',
+     "bypass.lookups_per_client_per_minute: must be a positive integer"),
 ]
 
 

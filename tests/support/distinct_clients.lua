@@ -2,7 +2,7 @@
 -- test's Envoy config), numbered from START. Run with ONE thread (-t1): after COUNT responses
 -- the process exits (wrk itself would only stop at its -d duration). The test reads Envoy's
 -- own metrics, so wrk's summary is not needed.
--- args: START COUNT PATH
+-- args: START COUNT PATH [v6]  (v6: addresses 2001:db8:1:2:x:x:x:x, all in one IPv6 /64)
 local threads = {}
 local next_id = 0
 
@@ -16,12 +16,17 @@ function init(args)
   start = tonumber(args[1])
   per_thread = tonumber(args[2])
   path = args[3]
+  v6 = args[4] == "v6"
   first = start + id * per_thread
   sent = 0
   received = 0
 end
 
 local function address(n)
+  if v6 then
+    return string.format("2001:db8:1:2:%x:%x:%x:%x", math.floor(n / 281474976710656) % 65536,
+      math.floor(n / 4294967296) % 65536, math.floor(n / 65536) % 65536, n % 65536)
+  end
   local a = math.floor(n / 65536) % 256
   local b = math.floor(n / 256) % 256
   local c = n % 256
