@@ -34,6 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import http_sf
 import pytest
 import yaml
 
@@ -142,12 +143,18 @@ def test_envoy_yaml_is_the_gateway_spec_9_describes():
     [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "rocketchat"]
     sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert (sa["address"], sa["port_value"]) == ("rocketchat", 3000)
-    # The plugin configuration is the defaults (SPEC §2), spelled out.
+    # The plugin configuration is the defaults (SPEC §2), spelled out, and the edge protections
+    # as recommended for a plain-HTTP listener (SPEC §11, README "Edge protections"): IETF
+    # headers on, the default client prefixes, https_only_login off until TLS is in front.
     assert json.loads(plugin_config_text(config)) == {
         "enabled": True, "api_prefix": "/api/v1/",
         "default": {"numRequestsAllowed": 10, "intervalTimeInMS": 60000},
         "preset": "rocketchat", "dry_run": False, "retry_after": True, "max_tracked_clients": 100000,
+        "client_ipv4_prefix": 32, "client_ipv6_prefix": 64, "ietf_headers": True,
+        "https_only_login": False,
     }
+    assert not any(l.startswith("- name: tls") for l in ENVOY_YAML.read_text().splitlines()), \
+        "a TLS listener: https_only_login should then be true"
 
 
 def test_envoy_yaml_validates(tmp_path):
@@ -189,8 +196,14 @@ def test_envoy_yaml_started_for_real_limits_like_rocketchat(shipped_gateway, own
         assert r.headers["x-ratelimit-limit"] == "10"
         assert r.headers["x-ratelimit-remaining"] == str(9 - i)
         assert int(r.headers["x-ratelimit-reset"]) % 60000 == 0
+        # ietf_headers (draft-ietf-httpapi-ratelimit-headers-11), as Structured Fields.
+        assert http_sf.parse(r.headers["ratelimit-policy"].encode(), tltype="list") == \
+            [("10-per-60s", {"q": 10, "w": 60})]
+        [(name, params)] = http_sf.parse(r.headers["ratelimit"].encode(), tltype="list")
+        assert name == "10-per-60s" and params["r"] == 9 - i and 0 <= params["t"] <= 60
     r = shipped_gateway.request("GET", "/api/v1/users.info", conn=conn)
     assert r.status == 429, r
+    assert http_sf.parse(r.headers["ratelimit"].encode(), tltype="list")[0][1]["r"] == 0
     assert r.headers["content-type"] == "application/json"
     assert r.headers["x-ratelimit-remaining"] == "0" and "retry-after" in r.headers
     assert r.json()["success"] is False and "[error-too-many-requests]" in r.json()["error"]
