@@ -82,6 +82,8 @@ impl CredentialPaths {
         if let Some(root) = api_prefix.strip_suffix("v1/") {
             add(format!("{root}experimental/login"));
         }
+        // By length, so that a path is compared only with the few of its own length.
+        paths.sort_by_key(Vec::len);
         CredentialPaths { paths }
     }
 
@@ -94,8 +96,13 @@ impl CredentialPaths {
 
     /// Is this path (in its normal form) one of the credential paths?
     pub fn matches(&self, normalised: &[u8]) -> bool {
+        let len = normalised.len();
+        let first = self.paths.partition_point(|p| p.len() < len);
         self.paths
+            .get(first..)
+            .unwrap_or_default()
             .iter()
+            .take_while(|p| p.len() == len)
             .any(|p| p.eq_ignore_ascii_case(normalised))
     }
 
