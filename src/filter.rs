@@ -27,7 +27,7 @@ use crate::lookup::{self, Claim, LocalAnswers};
 use crate::metrics::GAUGE_TRACKED_CLIENTS;
 use crate::metrics::{Counter, Events, PendingMetrics, Throttle, COUNTER_NAMES};
 use crate::parking::{Answer, Parking, Seen};
-use crate::response::{self, too_many_requests, Ietf, RateLimitHeaders};
+use crate::response::{self, too_many_requests, Formatted, Ietf, RateLimitHeaders};
 use crate::rls;
 use crate::store::{self, SharedStore, StoreError, Updated};
 use crate::verdicts::Exhausted;
@@ -144,6 +144,8 @@ struct Active {
     resumed: RefCell<BTreeMap<u32, RateLimitHeaders>>,
     /// Reused for every request: the counter key and the value read from shared data.
     key_buf: RefCell<String>,
+    /// The limit and reset header values last formatted, reused while they stay the same.
+    formatted: RefCell<Formatted>,
     value_buf: RefCell<Vec<u8>>,
     warnings: RefCell<Throttle>,
 }
@@ -748,6 +750,7 @@ impl Root {
             metrics,
             bypass,
             key_buf: RefCell::new(String::with_capacity(32)),
+            formatted: RefCell::default(),
             value_buf: RefCell::new(Vec::with_capacity(crate::limiter::SET_BYTES)),
             warnings: RefCell::default(),
             engine_queue: RefCell::default(),
@@ -1073,9 +1076,12 @@ impl Http {
             let h = active.resumed.borrow_mut().remove(&self.context_id);
             h
         });
-        if let Some(h) = headers {
-            h.each(|name, value| host::set_header(host::MAP_RESPONSE_HEADERS, name, value));
-        }
+        let (Some(h), Some(active)) = (headers, self.active.as_ref()) else {
+            return;
+        };
+        h.each_cached(&mut active.formatted.borrow_mut(), |name, value| {
+            host::set_header(host::MAP_RESPONSE_HEADERS, name, value)
+        });
     }
 }
 

@@ -67,21 +67,50 @@ impl Ietf {
 impl RateLimitHeaders {
     /// Every rate-limit header of a counted response, the 429 included (SPEC §1, §11), by
     /// name and value.
-    pub fn each(&self, mut header: impl FnMut(&'static str, &str)) {
-        header(
-            "x-ratelimit-limit",
-            Decimal::new(u64::from(self.limit)).as_str(),
-        );
+    pub fn each(&self, header: impl FnMut(&'static str, &str)) {
+        self.each_cached(&mut Formatted::default(), header);
+    }
+
+    /// [`each`](Self::each), reusing the limit and reset values `cache` formatted last time
+    /// when they are the same (a VM's requests mostly share both: one route's limit, one
+    /// window's end), so that a counted response formats only its remaining count.
+    pub fn each_cached(&self, cache: &mut Formatted, mut header: impl FnMut(&'static str, &str)) {
+        header("x-ratelimit-limit", cache.limit(self.limit));
         header(
             "x-ratelimit-remaining",
             Decimal::new(u64::from(self.remaining)).as_str(),
         );
-        header("x-ratelimit-reset", Decimal::new(self.reset_ms).as_str());
+        header("x-ratelimit-reset", cache.reset(self.reset_ms));
         if let Some(ietf) = &self.ietf {
             let (policy, current) = ietf.values(self.limit, self.remaining);
             header("ratelimit-policy", &policy);
             header("ratelimit", &current);
         }
+    }
+}
+
+/// The limit and reset values last formatted (see [`RateLimitHeaders::each_cached`]).
+#[derive(Default)]
+pub struct Formatted {
+    limit: Option<(u32, Decimal)>,
+    reset: Option<(u64, Decimal)>,
+}
+
+impl Formatted {
+    fn limit(&mut self, limit: u32) -> &str {
+        match &mut self.limit {
+            Some((n, _)) if *n == limit => {}
+            slot => *slot = Some((limit, Decimal::new(u64::from(limit)))),
+        }
+        self.limit.as_ref().map_or("", |(_, d)| d.as_str())
+    }
+
+    fn reset(&mut self, reset_ms: u64) -> &str {
+        match &mut self.reset {
+            Some((n, _)) if *n == reset_ms => {}
+            slot => *slot = Some((reset_ms, Decimal::new(reset_ms))),
+        }
+        self.reset.as_ref().map_or("", |(_, d)| d.as_str())
     }
 }
 
@@ -306,6 +335,27 @@ mod tests {
         assert!(reply
             .body
             .ends_with("[error-https-required]\",\"errorType\":\"error-https-required\"}"));
+    }
+
+    #[test]
+    fn cached_limit_and_reset_follow_their_values() {
+        let mut cache = Formatted::default();
+        let mut values = |limit, remaining, reset_ms| {
+            let mut seen = Vec::new();
+            let h = RateLimitHeaders {
+                limit,
+                remaining,
+                reset_ms,
+                ietf: None,
+            };
+            h.each_cached(&mut cache, |_, v| seen.push(v.to_string()));
+            seen
+        };
+        assert_eq!(values(10, 9, 60_000), ["10", "9", "60000"]);
+        assert_eq!(values(10, 8, 60_000), ["10", "8", "60000"]);
+        assert_eq!(values(5, 4, 60_000), ["5", "4", "60000"]);
+        assert_eq!(values(5, 4, 1_700_000_060_000), ["5", "4", "1700000060000"]);
+        assert_eq!(values(10, 0, 60_000), ["10", "0", "60000"]);
     }
 
     #[test]
