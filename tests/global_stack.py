@@ -3,6 +3,7 @@ redis-server, the reference Rate Limit Service (tools/ratelimit-engine) and the 
 with its HTTP/2 `ratelimit` cluster. Everything is started on loopback and stopped by PID."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,9 @@ ENGINE_BIN = os.environ.get(
 
 
 class Redis:
+    """A throwaway redis-server on loopback (no persistence); stop() and start() again keep
+    its port (a restart, for the tests of the engine's reconnection)."""
+
     def __init__(self, tmp_path):
         if subprocess.run(["which", "redis-server"], capture_output=True).returncode != 0:
             raise AssertionError("redis-server not installed: run the tests through `make test`")
@@ -27,7 +31,11 @@ class Redis:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.command("PING") == b"+PONG", 10, "redis-server")
+        try:
+            wait_for(lambda: self.command("PING") == b"+PONG", 10, "redis-server")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def command(self, *words):
@@ -43,24 +51,49 @@ class Redis:
             self.proc.wait(10)
 
 
+# The line the engine prints once it serves: address, domain(s), Redis.
+BANNER = re.compile(r"(?m)^ratelimit-engine listening on (\S+) \(domain (.*), redis (\S+)\)$")
+
+
 class Engine:
-    def __init__(self, tmp_path, redis_port, domain="rocketchat"):
+    """tools/ratelimit-engine (`make engine`) with one config file (written for `domain`, or
+    `config_path` as given), on a loopback port that stays the same across restarts."""
+
+    def __init__(self, tmp_path, redis_port, domain="rocketchat", config_path=None):
         if not Path(ENGINE_BIN).exists():
             raise AssertionError(f"engine not built at {ENGINE_BIN}: run the tests through `make test`")
-        self.config = tmp_path / f"engine-{domain}.yaml"
-        self.config.write_text(f"domain: {domain}\n")
+        if config_path is None:
+            config_path = tmp_path / f"engine-{domain}.yaml"
+            config_path.write_text(f"domain: {domain}\n")
+        self.config = Path(config_path)
         self.redis_port = redis_port
         self.port = free_port()
         self.proc = None
+        self.banner = None
         self.log_path = tmp_path / f"engine-{self.port}.log"
 
     def start(self):
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [ENGINE_BIN, "--listen", f"127.0.0.1:{self.port}", "--redis", f"127.0.0.1:{self.redis_port}",
              "--config", str(self.config)], stdout=self.log, stderr=self.log)
-        wait_for(lambda: b"listening on" in self.log_path.read_bytes(), 10, "ratelimit-engine")
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ratelimit-engine exited with {self.proc.returncode}: {self.logs()}")
+            self.banner = BANNER.search(self.logs()[offset:])
+            return self.banner is not None
+
+        try:
+            wait_for(listening, 10, f"ratelimit-engine (log {self.log_path})")
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def logs(self):
+        return self.log_path.read_text(errors="replace")
 
     def signal(self, sig):
         self.proc.send_signal(sig)

@@ -26,7 +26,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tarfile
@@ -39,6 +38,7 @@ import pytest
 import yaml
 
 from conftest import ENVOY_BIN, FILTER_WASM, ROOT, Envoy, Upstream, free_port, wait_for
+from global_stack import Engine, Redis
 
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 from run_local import local_config  # noqa: E402
@@ -50,7 +50,6 @@ ISTIO_DIR = ROOT / "envoy" / "istio"
 OCI_TOOL = ROOT / "tests" / "support" / "oci_image.py"
 BUILT_WASM = "target/rocketchat_ratelimit.wasm"
 WASM_FILTER = "envoy.filters.http.wasm"
-ENGINE_BIN = os.environ.get("ENGINE_BIN", str(ROOT / "target" / "engine" / "release" / "ratelimit-engine"))
 # The `global` block of the shipped global-mode files (SPEC §10), but for the cluster's name.
 GLOBAL = {"domain": "rocketchat", "timeout_ms": 100, "on_failure": "local"}
 
@@ -243,72 +242,9 @@ def test_envoy_yaml_path_spellings_share_one_bucket(shipped_gateway, own_upstrea
 
 # --- global mode: envoy/envoy-global.yaml, check_config --engine-config ----------------------------
 
-class Redis:
-    """A throwaway redis-server on loopback (no persistence), stopped by its PID."""
-
-    def __init__(self, tmp_path):
-        if subprocess.run(["which", "redis-server"], capture_output=True).returncode != 0:
-            raise AssertionError("redis-server not installed: `make redis` (or run the tests through `make test`)")
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: self.command("PING") == b"+PONG", 10, "redis-server")
-        except BaseException:
-            self.stop()
-            raise
-
-    def command(self, *words):
-        """One RESP command; the raw answer."""
-        request = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(request.encode())
-            return s.recv(65536).strip()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-class RateLimitEngine:
-    """tools/ratelimit-engine (`make engine`) with one config file, on a free loopback port."""
-
-    def __init__(self, tmp_path, config_path, redis_port):
-        if not Path(ENGINE_BIN).exists():
-            raise AssertionError(f"engine not built at {ENGINE_BIN}: `make engine` (or run the tests through `make test`)")
-        self.log_path = tmp_path / f"engine-{config_path.stem}.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([ENGINE_BIN, "--listen", "127.0.0.1:0", "--redis", f"127.0.0.1:{redis_port}",
-                                      "--config", str(config_path)], stdout=self.log, stderr=self.log)
-        self.banner = None
-        try:
-            wait_for(self._listening, 10, f"ratelimit-engine (log {self.log_path})")
-        except BaseException:
-            self.stop()
-            raise
-        self.port = int(self.banner.group(1).rsplit(":", 1)[1])
-
-    def _listening(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"ratelimit-engine exited with {self.proc.returncode}: {self.logs()}")
-        self.banner = re.search(r"(?m)^ratelimit-engine listening on (\S+) \(domain (.*), redis (\S+)\)$", self.logs())
-        return self.banner is not None
-
-    def logs(self):
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
-
-
 @pytest.fixture
 def redis(tmp_path):
-    r = Redis(tmp_path)
+    r = Redis(tmp_path).start()
     yield r
     r.stop()
 
@@ -402,7 +338,7 @@ def test_reference_engine_starts_with_the_engine_config(tmp_path, redis, domain)
     assert status == 0, err
     path = tmp_path / "rocketchat.yaml"
     path.write_text(out)
-    engine = RateLimitEngine(tmp_path, path, redis.port)
+    engine = Engine(tmp_path, redis.port, config_path=path).start()
     try:
         assert engine.banner.group(2) == domain
         assert engine.banner.group(3) == f"127.0.0.1:{redis.port}"
@@ -418,7 +354,7 @@ def test_envoy_global_yaml_started_for_real_counts_in_the_engine(tmp_path, own_u
     status, out, err = engine_config(tmp_path, "g.json", plugin_config_text(shipped_envoy(ENVOY_GLOBAL_YAML)))
     assert status == 0, err
     (tmp_path / "rocketchat.yaml").write_text(out)
-    engine = RateLimitEngine(tmp_path, tmp_path / "rocketchat.yaml", redis.port)
+    engine = Engine(tmp_path, redis.port, config_path=tmp_path / "rocketchat.yaml").start()
     envoy = Envoy(tmp_path, config={"replaced": "below"})
     try:
         config = shipped_envoy(ENVOY_GLOBAL_YAML)
@@ -720,7 +656,7 @@ def test_ratelimit_configmap_is_the_engine_config_of_the_global_wasmplugin(tmp_p
 def test_reference_engine_starts_with_the_configmap(tmp_path, redis):
     [(name, text)] = ratelimit_service("ConfigMap", "ratelimit-config")["data"].items()
     (tmp_path / name).write_text(text)
-    engine = RateLimitEngine(tmp_path, tmp_path / name, redis.port)
+    engine = Engine(tmp_path, redis.port, config_path=tmp_path / name).start()
     try:
         domain = the_wasmplugin("wasmplugin-global.yaml")["spec"]["pluginConfig"]["global"]["domain"]
         assert engine.banner.group(2) == domain
