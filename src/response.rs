@@ -5,11 +5,18 @@ pub fn wait_seconds(reset_ms: u64, now_ms: u64) -> u64 {
     reset_ms.saturating_sub(now_ms).div_ceil(1000)
 }
 
-/// The 429 body, byte for byte.
+/// The 429 body, byte for byte. Built by appending, not `format!`: a flood's every request
+/// gets one, and the formatting machinery cost ~2k wasm instructions a body.
 pub fn too_many_requests_body(wait_s: u64) -> String {
-    format!(
-        "{{\"success\":false,\"error\":\"Error, too many requests. Please slow down. You must wait {wait_s} seconds before trying this endpoint again. [error-too-many-requests]\"}}"
-    )
+    const HEAD: &str =
+        "{\"success\":false,\"error\":\"Error, too many requests. Please slow down. You must wait ";
+    const TAIL: &str = " seconds before trying this endpoint again. [error-too-many-requests]\"}";
+    let wait = Decimal::new(wait_s);
+    let mut body = String::with_capacity(HEAD.len() + wait.as_str().len() + TAIL.len());
+    body.push_str(HEAD);
+    body.push_str(wait.as_str());
+    body.push_str(TAIL);
+    body
 }
 
 /// The `x-ratelimit-*` values of a counted request, added in its response phase.
@@ -118,8 +125,39 @@ impl Formatted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
     pub status: u32,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(&'static str, Value)>,
     pub body: String,
+}
+
+/// A header value of a local reply: mostly a constant or a number, which need no allocation
+/// (a flood's every request gets a 429). Equal when the text is.
+#[derive(Debug, Clone, Eq)]
+pub enum Value {
+    Static(&'static str),
+    Digits(Decimal),
+    Text(String),
+}
+
+impl Value {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Value::Static(s) => s,
+            Value::Digits(d) => d.as_str(),
+            Value::Text(s) => s,
+        }
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl AsRef<[u8]> for Value {
+    fn as_ref(&self) -> &[u8] {
+        self.as_str().as_bytes()
+    }
 }
 
 /// The 429 of SPEC §1: Rocket.Chat's body, the rate-limit headers with remaining 0 (`ietf`:
@@ -132,16 +170,22 @@ pub fn too_many_requests(
     ietf: Option<Ietf>,
 ) -> LocalReply {
     let wait = wait_seconds(reset_ms, now_ms);
-    let mut headers = vec![("content-type", "application/json".to_string())];
-    let counted = RateLimitHeaders {
-        limit,
-        remaining: 0,
-        reset_ms,
-        ietf,
-    };
-    counted.each(|name, value| headers.push((name, value.to_string())));
+    let mut headers = Vec::with_capacity(7);
+    headers.push(("content-type", Value::Static("application/json")));
+    // The headers of RateLimitHeaders::each, with remaining 0, in its order.
+    headers.push((
+        "x-ratelimit-limit",
+        Value::Digits(Decimal::new(u64::from(limit))),
+    ));
+    headers.push(("x-ratelimit-remaining", Value::Static("0")));
+    headers.push(("x-ratelimit-reset", Value::Digits(Decimal::new(reset_ms))));
+    if let Some(ietf) = ietf {
+        let (policy, current) = ietf.values(limit, 0);
+        headers.push(("ratelimit-policy", Value::Text(policy)));
+        headers.push(("ratelimit", Value::Text(current)));
+    }
     if retry_after {
-        headers.push(("retry-after", Decimal::new(wait).as_str().to_string()));
+        headers.push(("retry-after", Value::Digits(Decimal::new(wait))));
     }
     LocalReply {
         status: 429,
@@ -157,7 +201,7 @@ pub fn too_many_requests(
 pub fn https_required() -> LocalReply {
     LocalReply {
         status: 403,
-        headers: vec![("content-type", "application/json".to_string())],
+        headers: vec![("content-type", Value::Static("application/json"))],
         body: HTTPS_REQUIRED_BODY.to_string(),
     }
 }
@@ -167,6 +211,7 @@ pub fn https_required() -> LocalReply {
 pub const HTTPS_REQUIRED_BODY: &str = "{\"success\":false,\"error\":\"HTTPS is required: this request carries a password or a login token and reached the server over plain HTTP, so it was refused and not forwarded. Use https:// to connect. [error-https-required]\",\"errorType\":\"error-https-required\"}";
 
 /// Decimal digits of `n` in a stack buffer: header values without a heap allocation.
+#[derive(Debug, Clone, Copy)]
 pub struct Decimal {
     buf: [u8; 20],
     start: usize,
@@ -179,6 +224,14 @@ const DIGIT_PAIRS: &[u8; 200] = b"\
 4041424344454647484950515253545556575859\
 6061626364656667686970717273747576777879\
 8081828384858687888990919293949596979899";
+
+impl PartialEq for Decimal {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Decimal {}
 
 impl Decimal {
     /// On the request path (three headers a request, a 429's body): a 64-bit division is
@@ -324,7 +377,7 @@ mod tests {
         assert_eq!(reply.status, 403);
         assert_eq!(
             reply.headers,
-            [("content-type", "application/json".to_string())]
+            [("content-type", Value::Static("application/json"))]
         );
         let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
         assert_eq!(body["success"], false);
@@ -335,6 +388,28 @@ mod tests {
         assert!(reply
             .body
             .ends_with("[error-https-required]\",\"errorType\":\"error-https-required\"}"));
+    }
+
+    #[test]
+    fn the_429_has_the_counted_headers_in_their_order() {
+        for ietf in [None, Some(Ietf::new(60_000, 60_000, 1_500))] {
+            let reply = too_many_requests(10, 60_000, 1_500, true, ietf);
+            let mut counted = vec![("content-type".to_string(), "application/json".to_string())];
+            let h = RateLimitHeaders {
+                limit: 10,
+                remaining: 0,
+                reset_ms: 60_000,
+                ietf,
+            };
+            h.each(|n, v| counted.push((n.to_string(), v.to_string())));
+            counted.push(("retry-after".to_string(), "59".to_string()));
+            let got: Vec<_> = reply
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_str().to_string()))
+                .collect();
+            assert_eq!(got, counted);
+        }
     }
 
     #[test]
