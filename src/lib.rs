@@ -30,3 +30,5 @@ mod abi;
 mod filter;
 #[cfg(target_arch = "wasm32")]
 mod host;
+#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+mod pool;
