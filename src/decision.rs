@@ -9,7 +9,7 @@ use crate::fingerprint::{fingerprint, Seed};
 use crate::limiter::{self, set_index, Limit, Set, Verdict};
 use crate::metrics::Events;
 use crate::route::{normalise_path, Route};
-use crate::store::{self, SharedStore, Step, Updated};
+use crate::store::{self, SetKey, SharedStore, Step, Updated};
 
 /// A request that is to be counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,13 +129,13 @@ pub fn classify_limitable<'a>(
 pub fn exhausted_until<S: SharedStore + ?Sized>(
     config: &Config,
     store: &S,
-    key_buf: &mut String,
+    key_buf: &mut SetKey,
     value_buf: &mut Vec<u8>,
     countable: &Countable,
     now_ms: u64,
 ) -> Option<u64> {
-    store::set_key(key_buf, config.counter_sets(), countable.set);
-    store.get(key_buf, value_buf).ok()??;
+    let key = key_buf.of(config.counter_sets(), countable.set);
+    store.get(key, value_buf).ok()??;
     let set = Set::decode(value_buf);
     match limiter::decide(&set, countable.fingerprint, countable.limit, now_ms).verdict {
         Verdict::Limited { reset_ms } => Some(reset_ms),
@@ -148,13 +148,13 @@ pub fn exhausted_until<S: SharedStore + ?Sized>(
 pub fn mark_exhausted<S: SharedStore + ?Sized>(
     config: &Config,
     store: &S,
-    key_buf: &mut String,
+    key_buf: &mut SetKey,
     value_buf: &mut Vec<u8>,
     countable: &Countable,
     now_ms: u64,
 ) -> Events {
-    store::set_key(key_buf, config.counter_sets(), countable.set);
-    let Updated { result, retries } = store::update(store, key_buf, value_buf, |bytes| {
+    let key = key_buf.of(config.counter_sets(), countable.set);
+    let Updated { result, retries } = store::update(store, key, value_buf, |bytes| {
         match limiter::exhaust(
             &Set::decode(bytes),
             countable.fingerprint,
@@ -189,13 +189,13 @@ pub enum Action {
 pub fn count_request<S: SharedStore + ?Sized>(
     config: &Config,
     store: &S,
-    key_buf: &mut String,
+    key_buf: &mut SetKey,
     value_buf: &mut Vec<u8>,
     countable: &Countable,
     now_ms: u64,
 ) -> (Action, Events) {
-    store::set_key(key_buf, config.counter_sets(), countable.set);
-    let Updated { result, retries } = store::update(store, key_buf, value_buf, |bytes| {
+    let key = key_buf.of(config.counter_sets(), countable.set);
+    let Updated { result, retries } = store::update(store, key, value_buf, |bytes| {
         let decision = limiter::decide(
             &Set::decode(bytes),
             countable.fingerprint,
@@ -260,7 +260,17 @@ mod tests {
             path.as_bytes(),
             || Some(addr.as_bytes().to_vec()),
         )?;
-        Some(count_request(config, store, &mut String::new(), &mut Vec::new(), &c, now).0)
+        Some(
+            count_request(
+                config,
+                store,
+                &mut SetKey::default(),
+                &mut Vec::new(),
+                &c,
+                now,
+            )
+            .0,
+        )
     }
 
     /// What the adapter decides before it reads the method: only paths under api_prefix (in
@@ -517,7 +527,7 @@ mod tests {
             Some(b"1.1.1.1:1".to_vec())
         })
         .unwrap();
-        let (mut key, mut buf) = (String::new(), Vec::new());
+        let (mut key, mut buf) = (SetKey::default(), Vec::new());
         assert_eq!(
             exhausted_until(&config, &store, &mut key, &mut buf, &c, 5),
             None
@@ -547,7 +557,7 @@ mod tests {
             Some(b"1.1.1.1:1".to_vec())
         })
         .unwrap();
-        let mut key = String::new();
+        let mut key = SetKey::default();
         *store.contend.borrow_mut() = 3;
         let (action, events) = count_request(&config, &store, &mut key, &mut Vec::new(), &c, 5);
         assert!(matches!(action, Action::Pass { remaining: 9, .. }));

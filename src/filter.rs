@@ -29,7 +29,7 @@ use crate::metrics::{Counter, Events, PendingMetrics, Throttle, COUNTER_NAMES};
 use crate::parking::{Answer, Parking, Seen};
 use crate::response::{self, too_many_requests, Formatted, Ietf, RateLimitHeaders};
 use crate::rls;
-use crate::store::{self, SharedStore, StoreError, Updated};
+use crate::store::{self, SetKey, SharedStore, StoreError, Updated};
 use crate::verdicts::Exhausted;
 
 const SEED_KEY: &str = "rlrc1:seed";
@@ -143,7 +143,7 @@ struct Active {
     /// their response phase.
     resumed: RefCell<BTreeMap<u32, RateLimitHeaders>>,
     /// Reused for every request: the counter key and the value read from shared data.
-    key_buf: RefCell<String>,
+    key_buf: RefCell<SetKey>,
     /// The limit and reset header values last formatted, reused while they stay the same.
     formatted: RefCell<Formatted>,
     value_buf: RefCell<Vec<u8>>,
@@ -749,7 +749,7 @@ impl Root {
             seed,
             metrics,
             bypass,
-            key_buf: RefCell::new(String::with_capacity(32)),
+            key_buf: RefCell::default(),
             formatted: RefCell::default(),
             value_buf: RefCell::new(Vec::with_capacity(crate::limiter::SET_BYTES)),
             warnings: RefCell::default(),

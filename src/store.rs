@@ -66,6 +66,34 @@ pub fn set_key(out: &mut String, sets: NonZeroU32, index: u32) {
     table_set_key(out, COUNTER_TABLE, sets, index);
 }
 
+/// A reusable counter-set key (the `key_buf` of every count): its `rlrc1:<sets>:` prefix is
+/// written once per table size and kept, so a request appends only its set's index.
+#[derive(Debug, Default)]
+pub struct SetKey {
+    buf: String,
+    /// The table size the prefix was written for (0: none yet).
+    sets: u32,
+    prefix_len: usize,
+}
+
+impl SetKey {
+    /// [`set_key`] of `index` in a table of `sets` sets.
+    pub fn of(&mut self, sets: NonZeroU32, index: u32) -> &str {
+        if self.sets != sets.get() {
+            self.buf.clear();
+            self.buf.push_str(COUNTER_TABLE);
+            self.buf
+                .push_str(Decimal::new(u64::from(sets.get())).as_str());
+            self.buf.push(':');
+            self.prefix_len = self.buf.len();
+            self.sets = sets.get();
+        }
+        self.buf.truncate(self.prefix_len);
+        self.buf.push_str(Decimal::new(u64::from(index)).as_str());
+        &self.buf
+    }
+}
+
 /// Key that says table `sets` has been fully created.
 pub fn ready_key(sets: NonZeroU32) -> String {
     table_ready_key(COUNTER_TABLE, sets)
@@ -271,6 +299,24 @@ mod tests {
                 "rlrc1:lb:2:ready"
             ]
         );
+    }
+
+    #[test]
+    fn a_reused_set_key_is_set_key() {
+        let mut reused = SetKey::default();
+        for (n, index) in [
+            (4, 2),
+            (4, 3),
+            (4, 0),
+            (12_500, 12_499),
+            (12_500, 7),
+            (1, 0),
+            (4, 3),
+        ] {
+            let mut fresh = String::new();
+            set_key(&mut fresh, sets(n), index);
+            assert_eq!(reused.of(sets(n), index), fresh);
+        }
     }
 
     #[test]
