@@ -28,6 +28,7 @@ under load); wrk runs pinned to the other core with 16 keep-alive connections.
   i  the floor of a 429: the probe reading :path, source.address and the time, then sending
      a local reply with the headers and body size of the filter's 429
   x  with --compare-wasm: another build of the filter, configured as (d) (an A/B of builds)
+  y  with --compare-wasm: that build configured as (g), the flood
 
 Per configuration and round: req/s and latency p50/p99 (wrk), Envoy CPU µs per request
 (utime+stime of /proc/<pid>/stat over the round / requests), Envoy RSS. Then the CAS retry
@@ -101,9 +102,12 @@ CONFIGS = {
     "h": "local_ratelimit, empty (all 429)",
     "i": "floor probe of a 429",
     "x": "(d) from --compare-wasm",
+    "y": "(g) from --compare-wasm",
 }
 # Every response of these is a 429 (wrk counts them as "status" errors).
-ALL_429 = "ghi"
+ALL_429 = "ghiy"
+# Floods: their warm-up spends every bucket first.
+FLOODS = "gy"
 
 
 def local_ratelimit_filter(empty=False):
@@ -144,9 +148,9 @@ def probe_filter(plan):
 
 
 def http_filters(name, filter_wasm, compare_wasm=None):
-    if name == "x":
-        # A/B of two builds of the filter, interleaved in one run: same configuration as (d).
-        return [conftest.wasm_filter(filter_config(bypass=False), wasm_path=str(compare_wasm))]
+    if name in "xy":
+        # A/B of two builds of the filter, interleaved in one run: configured as (d) or (g).
+        return [conftest.wasm_filter(filter_config(bypass=False, flood=name == "y"), wasm_path=str(compare_wasm))]
     if name == "a":
         return []
     if name in "bh":
@@ -235,7 +239,7 @@ def sanity(envoy, name, user):
         conn.close()
     limit = r.getheader("x-ratelimit-limit")
     want_limit = {"a": None, "c": None, "f": None, "b": "1000000000", "d": "1000000000", "e": "1000000000",
-                  "x": "1000000000", "g": "1", "h": "1", "i": "1"}[name]
+                  "x": "1000000000", "g": "1", "h": "1", "i": "1", "y": "1"}[name]
     want_status = 429 if name in ALL_429 else 200
     ok = r.status == want_status and limit == want_limit
     return {"status": r.status, "x-ratelimit-limit": limit, "retry-after": r.getheader("retry-after"),
@@ -458,8 +462,8 @@ def main():
     p.add_argument("--configs", default="abcdefghi")
     p.add_argument("--out", default=str(ROOT / "target" / "bench" / "results.json"))
     p.add_argument("--filter-wasm", default=conftest.FILTER_WASM)
-    p.add_argument("--compare-wasm", help="another build of the filter, run as config (x), e.g."
-                   " --configs cdx --compare-wasm old.wasm: reports x/d and x-d")
+    p.add_argument("--compare-wasm", help="another build of the filter, run as config (x) and/or (y), e.g."
+                   " --configs dxgy --compare-wasm old.wasm: reports x/d, x-d, y/g and y-g")
     p.add_argument("--svg", help="where to draw the rounds (default: bench.svg beside the default --out,"
                    " else --out with .svg)")
     p.add_argument("--envoy-cpu", default="0")
@@ -470,8 +474,8 @@ def main():
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         sys.exit(f"unknown configs {''.join(sorted(unknown))}: choose among {''.join(CONFIGS)}")
-    if ("x" in args.configs) != bool(args.compare_wasm):
-        sys.exit("config (x) and --compare-wasm go together")
+    if bool(set("xy") & set(args.configs)) != bool(args.compare_wasm):
+        sys.exit("configs (x), (y) and --compare-wasm go together")
     if args.compare_wasm and not Path(args.compare_wasm).exists():
         sys.exit(f"missing {args.compare_wasm}")
     for f, how in ((filter_wasm, "make build"), (EMPTY_WASM, "make bench-empty-filter"),
@@ -515,7 +519,7 @@ def main():
             failures.append("the 429s of (g) and (i) differ in body size (beyond one digit of the wait): "
                             f"{results['sanity']['g']} {results['sanity']['i']}")
         for name, e in envoys.items():
-            if name == "g":
+            if name in FLOODS:
                 flood_warmup(e, args)
             elif args.warmup > 0:
                 wrk(e.port, args.warmup, args.connections, args.load_cpu, users[name])
@@ -607,6 +611,8 @@ def main():
     pair("g/d rps", "g", "d", "rps", lambda x, y: x / y)
     pair("x/d rps", "x", "d", "rps", lambda x, y: x / y)
     pair("x-d cpu us", "x", "d", "cpu_us_per_req", lambda x, y: x - y)
+    pair("y/g rps", "y", "g", "rps", lambda x, y: x / y)
+    pair("y-g cpu us", "y", "g", "cpu_us_per_req", lambda x, y: x - y)
     ratio_medians = {k: median(v) for k, v in paired.items()}
 
     wasm_bytes = filter_wasm.stat().st_size
