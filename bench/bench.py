@@ -313,7 +313,7 @@ def cas_phase(args, workdir, upstream, filter_wasm):
 # --- the rounds, drawn (hand-written SVG: no plotting library in the venv for one chart) -----
 
 ROUND_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-                 "#7f7f7f", "#bcbd22", "#17becf"]
+                 "#7f7f7f", "#bcbd22", "#17becf", "#000080", "#808000", "#ff69b4", "#00ced1", "#8b0000"]
 
 
 def _esc(text):
